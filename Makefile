@@ -1,0 +1,32 @@
+# hsiedge: every target sets itself up on a fresh machine (virtual environment, installs).
+VENV     ?= .venv
+PYTHON   ?= python3
+PY       := $(VENV)/bin/python
+TORCH    := torch==2.13.0
+STAMP    := $(VENV)/.hsiedge-installed
+
+.PHONY: setup test lint demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -c "from hsiedge.ops import cpu; cpu.load(); print('selective-scan CPU kernel:', cpu.library_path())"
+	touch $@
+
+setup: $(STAMP)  ## create .venv, install torch 2.13 (CPU) and hsiedge with its dev tools
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint  ## ruff, then the test suite (CPU; GPU tests skip with their reason)
+	$(VENV)/bin/pytest
+
+demo: setup  ## every seed model on a real scene (Jasper Ridge) from ../shared/datasets
+	$(PY) -m hsiedge.demo
+
+bench: setup  ## benchmark tables (not tests)
+	$(PY) bench/scan_cpu.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,85 @@
+"""The Mamba block (selective SSM), laid out exactly like mamba-ssm's `Mamba`.
+
+Parameter names, shapes and initialisation follow mamba-ssm (in_proj, depthwise causal
+conv1d, x_proj, dt_proj with inverse-softplus bias, A_log = log(1..N) per channel in
+float32, D = 1, out_proj), so a state_dict moves between the two without renaming.  The
+scan goes through `hsiedge.ops.selective_scan`, which `torch.export` sees as one node.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hsiedge.ops import selective_scan
+
+
+class Mamba(nn.Module):
+    """Selective state-space block: input and output (batch, L, d_model)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+        # dt_proj: weights keep the variance of dt at init; the bias is the inverse softplus
+        # of a log-uniform dt in [dt_min, dt_max], so softplus(bias) starts in that range.
+        std = self.dt_rank**-0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, std)
+        elif dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+        else:
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+        # S4D-real initialisation: A = -(1..N) for every channel, stored as log in float32.
+        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(self.d_inner))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(batch, L, d_model) -> (batch, L, d_model)."""
+        L = hidden_states.shape[1]
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2*d_inner, L)
+        x, z = xz.chunk(2, dim=1)
+        x = F.silu(self.conv1d(x)[..., :L])
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, dt_rank + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias
+        A = -torch.exp(self.A_log.float())
+        y = selective_scan(
+            x.contiguous(), dt.contiguous(), A,
+            B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+            self.D.float(), z=z.contiguous(), delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+        )
+        return self.out_proj(y.transpose(1, 2))

@@ -1,0 +1,149 @@
+"""The compiled CPU backend: builds `csrc/selective_scan_cpu.c` once per machine and calls it.
+
+No maintained library offers a CPU selective scan (mamba-ssm ships CUDA kernels only and a
+slow reference), so hsiedge compiles its own small C kernel on first use with the system C
+compiler, tuned for the host (`-march=native`), and caches the shared library under
+`$HSIEDGE_CACHE_DIR` (default `~/.cache/hsiedge`).  It is called through `ctypes` on NumPy
+or torch buffers, so the same kernel also serves runtimes that do not import torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.c"
+_COMPILE_FLAGS = ["-O3", "-ffast-math", "-fPIC", "-std=c11", "-Wall"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+class ScanBuildError(RuntimeError):
+    """The C kernel could not be compiled or loaded on this machine."""
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept (`$HSIEDGE_CACHE_DIR`, else `~/.cache/hsiedge`)."""
+    root = os.environ.get("HSIEDGE_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "hsiedge"
+
+
+def _host_key() -> str:
+    """Identify source, compiler and CPU, since the build is tuned for the host CPU."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(_COMPILE_FLAGS).encode())
+    h.update(os.environ.get("CC", "cc").encode())
+    h.update(platform.machine().encode())
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = [ln for ln in lines if ln.startswith(("flags", "Features"))]
+        h.update((flags[0] if flags else "").encode())
+    except OSError:
+        pass
+    return h.hexdigest()[:16]
+
+
+def _compile(target: Path) -> None:
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise ScanBuildError(f"no C compiler '{cc}' on PATH (set CC or install gcc)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        obj, lib = Path(tmp) / "scan.o", Path(tmp) / target.name
+        last = ""
+        # -march=native where the compiler knows it; the portable build otherwise.
+        for arch in (["-march=native"], []):
+            r = subprocess.run([cc, *_COMPILE_FLAGS, *arch, "-c", str(SOURCE), "-o", str(obj)],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+        else:
+            raise ScanBuildError(f"compiling {SOURCE.name} failed: {last}")
+        # Linked without -ffast-math, so the library does not switch the process to flush-to-zero.
+        r = subprocess.run([cc, "-shared", "-pthread", str(obj), "-o", str(lib), "-lm"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ScanBuildError(f"linking {lib.name} failed: {r.stderr.strip()}")
+        os.replace(lib, target)  # atomic: other processes see the whole library or none
+
+
+def library_path() -> Path:
+    """Path of the shared library for this host (it may not be built yet)."""
+    return cache_dir() / "ops" / f"libhsiedge_scan_cpu-{_host_key()}.so"
+
+
+def load() -> ctypes.CDLL:
+    """Build (first time on this host) and load the kernel; raise ScanBuildError if impossible."""
+    global _lib, _error
+    with _lock:
+        if _lib is not None:
+            return _lib
+        if _error is not None:
+            raise ScanBuildError(_error)
+        path = library_path()
+        try:
+            if not path.exists():
+                _compile(path)
+            lib = ctypes.CDLL(str(path))
+        except (ScanBuildError, OSError) as e:
+            _error = str(e)
+            raise ScanBuildError(_error) from e
+        fn = lib.hsiedge_selective_scan_f32
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5 + [ctypes.c_int, ctypes.c_int]
+        _lib = lib
+        return lib
+
+
+def available() -> bool:
+    """True when the kernel is built or can be built here."""
+    try:
+        load()
+        return True
+    except ScanBuildError:
+        return False
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+def scan_numpy(
+    u: np.ndarray,
+    delta: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    C: np.ndarray,
+    D: np.ndarray | None = None,
+    z: np.ndarray | None = None,
+    delta_bias: np.ndarray | None = None,
+    delta_softplus: bool = False,
+    n_threads: int | None = None,
+) -> np.ndarray:
+    """Run the kernel on NumPy arrays (shapes of Contract 1); returns float32 (batch, dim, L)."""
+    def f32(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else np.ascontiguousarray(a, dtype=np.float32)
+
+    u, delta, A, B, C, D, z, delta_bias = map(f32, (u, delta, A, B, C, D, z, delta_bias))
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    groups = B.shape[1] if B.ndim == 4 else 1
+    y = np.empty((batch, dim, L), dtype=np.float32)
+    threads = n_threads or os.cpu_count() or 1
+    rc = load().hsiedge_selective_scan_f32(
+        _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(z), _ptr(delta_bias),
+        _ptr(y), batch, dim, L, N, groups, int(bool(delta_softplus)), threads)
+    if rc != 0:
+        raise RuntimeError(f"selective scan kernel failed (code {rc}) for u of shape {u.shape}")
+    return y
