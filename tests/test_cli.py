@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -28,7 +29,7 @@ def test_models_json_lists_the_three_with_counts():
 
 
 def test_console_script_is_installed():
-    exe = shutil.which("hsiedge")
-    assert exe, "the hsiedge console script is not on PATH (package not installed?)"
-    out = subprocess.run([exe, "models"], capture_output=True, text=True, check=True).stdout
+    exe = Path(sys.executable).parent / "hsiedge"  # installed next to the interpreter
+    assert exe.is_file(), f"no hsiedge console script at {exe} (package not installed?)"
+    out = subprocess.run([str(exe), "models"], capture_output=True, text=True, check=True).stdout
     assert "mambahsi" in out and "412,239" in out
