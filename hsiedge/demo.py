@@ -58,7 +58,7 @@ def run(scene: Path) -> Table:
             if patch is None:
                 logits = model.full_resolution_logits(x)[0].permute(1, 2, 0).reshape(-1, n_cls)
             else:
-                logits = _batched(model, pixel_patches(x, patch), 2048)
+                logits = _batched(model, pixel_patches(x, patch), 128)  # cache-sized batches
         dt = time.perf_counter() - t0
         labels = logits.argmax(1).numpy()
         hist = np.bincount(labels, minlength=n_cls)
@@ -72,7 +72,7 @@ def run(scene: Path) -> Table:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     scene = Path(argv[0]) if argv else DEFAULT_SCENE
-    console = Console()
+    console = Console(width=150)
     if not scene.is_file():
         console.print(f"[red]demo: scene {scene} not found; pass a .mat cube path[/red]")
         return 1

@@ -158,3 +158,22 @@ def test_gradients_match_float64_autograd():
 
     with scan_backend("reference"):
         assert torch.autograd.gradcheck(f, tuple(a[k] for k in tensors))
+
+
+def test_cuda_dispatch_order(monkeypatch):
+    """On CUDA tensors: the project's kernel when registered, else mamba-ssm, else the reference."""
+    from hsiedge.ops import backends
+
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    monkeypatch.setitem(backends._REGISTRY, "mamba_ssm", backends.ScanBackend(
+        "mamba_ssm", ("cuda",), backends._run_mamba_ssm, lambda: False))
+    assert backends.choose_backend("cuda").name == "reference"
+    monkeypatch.setitem(backends._REGISTRY, "mamba_ssm", backends.ScanBackend(
+        "mamba_ssm", ("cuda",), backends._run_mamba_ssm, lambda: True))
+    assert backends.choose_backend("cuda").name == "mamba_ssm"
+    backends.register_backend(backends.ScanBackend("cuda", ("cuda",), backends._run_cpu, lambda: True))
+    assert backends.choose_backend("cuda").name == "cuda"
+    assert backends.choose_backend("cpu").name == "cpu"
+    with pytest.raises(RuntimeError, match="cannot run on cpu"), scan_backend("mamba_ssm"):
+        selective_scan(torch.randn(1, 2, 3), torch.rand(1, 2, 3), -torch.ones(2, 1),
+                       torch.randn(1, 1, 3), torch.randn(1, 1, 3))

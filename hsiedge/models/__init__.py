@@ -1,6 +1,6 @@
 """The Mamba block and the seed models (the PyTorch originals that hsiedge exports)."""
 
-from hsiedge.models.mamba import Mamba
+from hsiedge.models.mamba import Mamba, ResidualMamba
 from hsiedge.models.mambahsi import MambaHSI
 from hsiedge.models.md2f_mamba import MD2FMamba
 from hsiedge.models.registry import MODELS, ModelSpec, build_model, count_parameters
@@ -12,6 +12,7 @@ __all__ = [
            "Mamba",
            "MambaHSI",
            "ModelSpec",
+           "ResidualMamba",
            "SpectralMamba",
            "build_model",
            "count_parameters",

@@ -83,3 +83,15 @@ class Mamba(nn.Module):
             delta_softplus=True,
         )
         return self.out_proj(y.transpose(1, 2))
+
+
+class ResidualMamba(nn.Module):
+    """Pre-norm residual block x + Mamba(LayerNorm(x)) over (batch, L, d_model)."""
+
+    def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.mamba = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mamba(self.norm(x))

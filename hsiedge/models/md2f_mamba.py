@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hsiedge.models.mamba import Mamba
+from hsiedge.models.mamba import ResidualMamba
 
 
 def _conv_bn_relu(cin: int, cout: int, **conv: object) -> nn.Sequential:
@@ -74,16 +74,6 @@ class MSLFEM(nn.Module):
         return x + self.fuse(torch.cat([b(x) for b in self.branches], 1))
 
 
-class _ResidualMamba(nn.Module):
-    def __init__(self, d_model: int, d_state: int, expand: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(d_model)
-        self.mamba = Mamba(d_model, d_state=d_state, expand=expand)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mamba(self.norm(x))
-
-
 class HSMGFE(nn.Module):
     """Hierarchical state-space global features: row scans, column scans, whole-patch scan."""
 
@@ -91,9 +81,9 @@ class HSMGFE(nn.Module):
         super().__init__()
         self.pos_h = nn.Parameter(torch.zeros(1, channels, 1, patch_size))
         nn.init.trunc_normal_(self.pos_h, std=0.02)
-        self.rows = _ResidualMamba(channels, d_state, expand)
-        self.cols = _ResidualMamba(channels, d_state, expand)
-        self.whole = _ResidualMamba(channels, d_state, expand)
+        self.rows = ResidualMamba(channels, d_state, expand)
+        self.cols = ResidualMamba(channels, d_state, expand)
+        self.whole = ResidualMamba(channels, d_state, expand)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

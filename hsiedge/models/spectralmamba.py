@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hsiedge.models.mamba import Mamba
+from hsiedge.models.mamba import ResidualMamba
 
 
 class GatedSpatialSpectralMerging(nn.Module):
@@ -47,18 +47,6 @@ class GatedSpatialSpectralMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = torch.sigmoid(self.pointwise(self.depthwise(x)))
         return (gate * x).mean(dim=(2, 3))
-
-
-class ResidualMamba(nn.Module):
-    """x + Mamba(LayerNorm(x)) over (batch, tokens, d_model)."""
-
-    def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(d_model)
-        self.mamba = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mamba(self.norm(x))
 
 
 class SpectralMamba(nn.Module):
