@@ -30,12 +30,18 @@ ScanFn = Callable[..., torch.Tensor]
 
 @dataclass(frozen=True)
 class ScanBackend:
-    """A named implementation, the device types it serves, and a cheap availability probe."""
+    """A named implementation, the device types it serves, and a cheap availability probe.
+
+    `backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad)` returns the
+    gradients of the eight tensor inputs (None for absent ones); without it, gradients are
+    taken through the differentiable reference.
+    """
 
     name: str
     devices: tuple[str, ...]
     run: ScanFn
     available: Callable[[], bool]
+    backward: Callable[..., tuple[torch.Tensor | None, ...]] | None = None
 
 
 _REGISTRY: dict[str, ScanBackend] = {}
@@ -48,13 +54,22 @@ def register_backend(backend: ScanBackend) -> None:
     _REGISTRY[backend.name] = backend
 
 
-def _run_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    def np32(t):
-        return None if t is None else t.detach().to(torch.float32).contiguous().numpy()
+def _np32(t: torch.Tensor | None):
+    return None if t is None else t.detach().to(torch.float32).contiguous().numpy()
 
-    y = _cpu.scan_numpy(*(np32(t) for t in (u, delta, A, B, C, D, z, delta_bias)),
+
+def _run_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    y = _cpu.scan_numpy(*(_np32(t) for t in (u, delta, A, B, C, D, z, delta_bias)),
                         delta_softplus=delta_softplus, n_threads=torch.get_num_threads())
     return torch.from_numpy(y).to(u.dtype)
+
+
+def _backward_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad):
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    grads = _cpu.scan_numpy_backward(*(_np32(t) for t in inputs), delta_softplus,
+                                     _np32(grad), n_threads=torch.get_num_threads())
+    return tuple(None if g is None else torch.from_numpy(g).to(t.dtype)
+                 for g, t in zip(grads, inputs, strict=True))
 
 
 def _run_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
@@ -68,7 +83,7 @@ def _has_mamba_ssm() -> bool:
 
 
 register_backend(ScanBackend("reference", ("cpu", "cuda"), selective_scan_reference, lambda: True))
-register_backend(ScanBackend("cpu", ("cpu",), _run_cpu, _cpu.available))
+register_backend(ScanBackend("cpu", ("cpu",), _run_cpu, _cpu.available, _backward_cpu))
 register_backend(ScanBackend("mamba_ssm", ("cuda",), _run_mamba_ssm, _has_mamba_ssm))
 
 

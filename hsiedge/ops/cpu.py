@@ -102,6 +102,9 @@ def load() -> ctypes.CDLL:
         fn = lib.hsiedge_selective_scan_f32
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5 + [ctypes.c_int, ctypes.c_int]
+        bwd = lib.hsiedge_selective_scan_bwd_f32
+        bwd.restype = ctypes.c_int
+        bwd.argtypes = [ctypes.c_void_p] * 17 + [ctypes.c_int64] * 5 + [ctypes.c_int, ctypes.c_int]
         _lib = lib
         return lib
 
@@ -119,6 +122,10 @@ def _ptr(a: np.ndarray | None) -> int | None:
     return None if a is None else a.ctypes.data
 
 
+def _f32(a: np.ndarray | None) -> np.ndarray | None:
+    return None if a is None else np.ascontiguousarray(a, dtype=np.float32)
+
+
 def scan_numpy(
     u: np.ndarray,
     delta: np.ndarray,
@@ -132,10 +139,7 @@ def scan_numpy(
     n_threads: int | None = None,
 ) -> np.ndarray:
     """Run the kernel on NumPy arrays (shapes of Contract 1); returns float32 (batch, dim, L)."""
-    def f32(a: np.ndarray | None) -> np.ndarray | None:
-        return None if a is None else np.ascontiguousarray(a, dtype=np.float32)
-
-    u, delta, A, B, C, D, z, delta_bias = map(f32, (u, delta, A, B, C, D, z, delta_bias))
+    u, delta, A, B, C, D, z, delta_bias = map(_f32, (u, delta, A, B, C, D, z, delta_bias))
     batch, dim, L = u.shape
     N = A.shape[1]
     groups = B.shape[1] if B.ndim == 4 else 1
@@ -147,3 +151,41 @@ def scan_numpy(
     if rc != 0:
         raise RuntimeError(f"selective scan kernel failed (code {rc}) for u of shape {u.shape}")
     return y
+
+
+def scan_numpy_backward(
+    u: np.ndarray,
+    delta: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    C: np.ndarray,
+    D: np.ndarray | None,
+    z: np.ndarray | None,
+    delta_bias: np.ndarray | None,
+    delta_softplus: bool,
+    grad: np.ndarray,
+    n_threads: int | None = None,
+) -> tuple[np.ndarray | None, ...]:
+    """Gradients of `scan_numpy`'s output w.r.t. (u, delta, A, B, C, D, z, delta_bias), float32.
+
+    Entries are None where the input was None.  Sums over the batch and over the channels of a
+    group are done in a fixed order, so the result does not depend on the thread count.
+    """
+    u, delta, A, B, C, D, z, delta_bias, grad = map(
+        _f32, (u, delta, A, B, C, D, z, delta_bias, grad))
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    groups = B.shape[1] if B.ndim == 4 else 1
+    grads = [np.empty_like(u), np.empty_like(delta), np.empty_like(A), np.empty_like(B),
+             np.empty_like(C), None if D is None else np.empty_like(D),
+             None if z is None else np.empty_like(z),
+             None if delta_bias is None else np.empty_like(delta_bias)]
+    du, ddelta, dA, dB, dC, dD, dz, dbias = grads
+    threads = n_threads or os.cpu_count() or 1
+    rc = load().hsiedge_selective_scan_bwd_f32(
+        _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(D), _ptr(z), _ptr(delta_bias),
+        _ptr(grad), _ptr(du), _ptr(ddelta), _ptr(dA), _ptr(dB), _ptr(dC), _ptr(dD), _ptr(dz),
+        _ptr(dbias), batch, dim, L, N, groups, int(bool(delta_softplus)), threads)
+    if rc != 0:
+        raise RuntimeError(f"selective scan backward kernel failed (code {rc}) for u of shape {u.shape}")
+    return tuple(grads)

@@ -45,10 +45,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    # Gradients by recomputing the differentiable reference; correct on any device, but it
-    # walks the sequence step by step.
+    # The backend's own backward when it has one (the CPU kernel does); otherwise recompute
+    # through the differentiable reference, which is right on any device but walks the
+    # sequence step by step.
     saved = iter(ctx.saved_tensors)
     tensors = [next(saved) if p else None for p in ctx.present]
+    backend = choose_backend(grad.device.type)
+    if backend.backward is not None:
+        grads = backend.backward(*tensors, ctx.delta_softplus, grad)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=False)),
+                None)
     with torch.enable_grad():
         leaves = [None if t is None else t.detach().requires_grad_(ctx.needs_input_grad[i])
                   for i, t in enumerate(tensors)]

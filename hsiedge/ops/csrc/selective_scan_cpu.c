@@ -196,3 +196,232 @@ int hsiedge_selective_scan_f32(const float *u, const float *delta, const float *
     free(tids);
     return status;
 }
+
+/* ------------------------------------------------------------------------------------------
+ * Backward.  For one channel: recompute the forward keeping the state history h_t (L x N, per
+ * thread), then walk time backwards carrying gh = dLoss/dh_t:
+ *
+ *   gh      += gy_t * C_t                       (y_t = <h_t, C_t> + D u_t)
+ *   dC_t    += gy_t * h_t                       dB_t += gh * dt_t u_t
+ *   d(dt)_t  = sum_n gh (u_t B_t + A a_t h_{t-1})   du_t += sum_n gh dt_t B_t
+ *   dA      += gh * a_t * h_{t-1} * dt_t        gh   *= a_t   (a_t = exp(dt_t A))
+ *
+ * then through softplus and the bias.  dB/dC are shared by the channels of a group and dA,
+ * dD, d(delta_bias) by the batch, so they are accumulated per thread and summed at the end:
+ * no atomics, and the result does not depend on scheduling.  Items are whole (b, g) groups
+ * when there are enough of them; otherwise (batch 1) channel blocks, and each thread then
+ * keeps a private dB/dC of its own.
+ * ------------------------------------------------------------------------------------------ */
+typedef struct {
+    scan_args f; /* forward inputs; f.y unused */
+    const float *gout;
+    float *du, *ddelta, *dA, *dB, *dC, *dD, *dz, *dbias;
+    int private_bc;
+} bwd_args;
+
+typedef struct {
+    const bwd_args *a;
+    int64_t item_begin, item_end;
+    float *pdA, *pdD, *pdbias, *pdB, *pdC; /* per-thread accumulators */
+    int status;
+} bwd_job;
+
+static void *bwd_worker(void *p)
+{
+    bwd_job *job = (bwd_job *)p;
+    const bwd_args *ba = job->a;
+    const scan_args *a = &ba->f;
+    const int64_t N = a->N, L = a->L;
+    const size_t LN = (size_t)(L * N);
+    float *s = (float *)calloc(5 * LN + 3 * (size_t)L + 2 * (size_t)N, sizeof(float));
+    if (!s) {
+        job->status = -1;
+        return NULL;
+    }
+    float *hist = s, *Bt = s + LN, *Ct = s + 2 * LN, *dBt = s + 3 * LN, *dCt = s + 4 * LN;
+    float *dts = s + 5 * LN, *ypre = dts + L, *gy = ypre + L, *gh = gy + L, *zeros = gh + N;
+
+    for (int64_t item = job->item_begin; item < job->item_end; ++item) {
+        const int64_t blk = item % a->blocks_per_group;
+        const int64_t bg = item / a->blocks_per_group;
+        const int64_t b = bg / a->groups, g = bg % a->groups;
+        const int64_t d0 = g * a->chan_per_group + blk * a->chan_block;
+        int64_t d1 = d0 + a->chan_block;
+        if (d1 > (g + 1) * a->chan_per_group) d1 = (g + 1) * a->chan_per_group;
+        const float *Bsrc = a->B + bg * N * L, *Csrc = a->C + bg * N * L;
+        for (int64_t n = 0; n < N; ++n)
+            for (int64_t t = 0; t < L; ++t) {
+                Bt[t * N + n] = Bsrc[n * L + t];
+                Ct[t * N + n] = Csrc[n * L + t];
+            }
+        memset(dBt, 0, 2 * LN * sizeof(float)); /* dBt and dCt are adjacent */
+
+        for (int64_t d = d0; d < d1; ++d) {
+            const int64_t row = (b * a->dim + d) * L;
+            const float *restrict u = a->u + row, *restrict dl = a->delta + row;
+            const float *restrict go = ba->gout + row;
+            const float *restrict Ad = a->A + d * N;
+            const float bias = a->delta_bias ? a->delta_bias[d] : 0.0f;
+            const float Dd = a->D ? a->D[d] : 0.0f;
+
+            if (a->softplus) {
+                for (int64_t t = 0; t < L; ++t) {
+                    const float x = dl[t] + bias;
+                    dts[t] = x <= 20.0f ? log1pf(expf(x)) : x;
+                }
+            } else {
+                for (int64_t t = 0; t < L; ++t) dts[t] = dl[t] + bias;
+            }
+            for (int64_t t = 0; t < L; ++t) { /* forward recompute, keeping h_t */
+                const float dt = dts[t], dtu = dt * u[t];
+                const float *restrict hp = t ? hist + (t - 1) * N : zeros;
+                float *restrict hc = hist + t * N;
+                const float *restrict Bn = Bt + t * N, *restrict Cn = Ct + t * N;
+                float acc = 0.0f;
+                for (int64_t n = 0; n < N; ++n) {
+                    const float hn = expf(dt * Ad[n]) * hp[n] + dtu * Bn[n];
+                    hc[n] = hn;
+                    acc += hn * Cn[n];
+                }
+                ypre[t] = acc + Dd * u[t];
+            }
+            if (a->z) {
+                const float *restrict zz = a->z + row;
+                float *restrict dz = ba->dz + row;
+                for (int64_t t = 0; t < L; ++t) {
+                    const float sg = 1.0f / (1.0f + expf(-zz[t]));
+                    gy[t] = go[t] * zz[t] * sg;
+                    dz[t] = go[t] * ypre[t] * sg * (1.0f + zz[t] * (1.0f - sg));
+                }
+            } else {
+                for (int64_t t = 0; t < L; ++t) gy[t] = go[t];
+            }
+            float sumD = 0.0f, sumbias = 0.0f;
+            float *restrict pA = job->pdA + d * N;
+            memset(gh, 0, (size_t)N * sizeof(float));
+            for (int64_t t = L - 1; t >= 0; --t) {
+                const float dt = dts[t], ut = u[t], gyt = gy[t];
+                const float *restrict hp = t ? hist + (t - 1) * N : zeros;
+                const float *restrict hc = hist + t * N;
+                const float *restrict Bn = Bt + t * N, *restrict Cn = Ct + t * N;
+                float *restrict dBn = dBt + t * N, *restrict dCn = dCt + t * N;
+                float ddt = 0.0f, dut = 0.0f;
+                for (int64_t n = 0; n < N; ++n) {
+                    const float an = expf(dt * Ad[n]);
+                    const float ghn = gh[n] + gyt * Cn[n];
+                    dCn[n] += gyt * hc[n];
+                    dBn[n] += ghn * dt * ut;
+                    ddt += ghn * (ut * Bn[n] + Ad[n] * an * hp[n]);
+                    dut += ghn * Bn[n];
+                    pA[n] += ghn * an * hp[n] * dt;
+                    gh[n] = ghn * an;
+                }
+                sumD += gyt * ut;
+                ba->du[row + t] = gyt * Dd + dut * dt;
+                const float x = dl[t] + bias;
+                const float dd = (a->softplus && x <= 20.0f) ? ddt / (1.0f + expf(-x)) : ddt;
+                ba->ddelta[row + t] = dd;
+                sumbias += dd;
+            }
+            job->pdD[d] += sumD;
+            job->pdbias[d] += sumbias;
+        }
+        /* this item's share of dB/dC, back to (N, L) layout */
+        float *oB = (ba->private_bc ? job->pdB : ba->dB) + bg * N * L;
+        float *oC = (ba->private_bc ? job->pdC : ba->dC) + bg * N * L;
+        for (int64_t n = 0; n < N; ++n)
+            for (int64_t t = 0; t < L; ++t) {
+                oB[n * L + t] += dBt[t * N + n];
+                oC[n * L + t] += dCt[t * N + n];
+            }
+    }
+    free(s);
+    job->status = 0;
+    return NULL;
+}
+
+/* Gradients of the forward above.  D, z, delta_bias may be NULL, and so then must dD, dz,
+ * ddelta_bias be.  Every output is fully written.  Returns 0, -1 (bad argument) or -2. */
+int hsiedge_selective_scan_bwd_f32(const float *u, const float *delta, const float *A,
+                                   const float *B, const float *C, const float *D,
+                                   const float *z, const float *delta_bias, const float *gout,
+                                   float *du, float *ddelta, float *dA, float *dB, float *dC,
+                                   float *dD, float *dz, float *ddelta_bias,
+                                   int64_t batch, int64_t dim, int64_t L, int64_t N,
+                                   int64_t groups, int softplus, int n_threads)
+{
+    if (batch < 0 || dim <= 0 || L < 0 || N <= 0 || groups <= 0 || dim % groups) return -1;
+    memset(dA, 0, sizeof(float) * (size_t)(dim * N));
+    memset(dB, 0, sizeof(float) * (size_t)(batch * groups * N * L));
+    memset(dC, 0, sizeof(float) * (size_t)(batch * groups * N * L));
+    if (dD) memset(dD, 0, sizeof(float) * (size_t)dim);
+    if (ddelta_bias) memset(ddelta_bias, 0, sizeof(float) * (size_t)dim);
+    if (batch == 0 || L == 0) return 0;
+
+    bwd_args ba;
+    memset(&ba, 0, sizeof ba);
+    ba.f = (scan_args){u, delta, A, B, C, D, z, delta_bias, NULL, batch, dim, L, N, groups,
+                       0, 0, 0, 0, softplus};
+    ba.gout = gout;
+    ba.du = du; ba.ddelta = ddelta; ba.dA = dA; ba.dB = dB; ba.dC = dC;
+    ba.dD = dD; ba.dz = dz; ba.dbias = ddelta_bias;
+    scan_args *a = &ba.f;
+    a->chan_per_group = dim / groups;
+    if (n_threads < 1) n_threads = 1;
+    if ((double)batch * (double)dim * (double)L * (double)N < 2.0e5) n_threads = 1;
+    const int64_t n_bg = batch * groups;
+    if (n_bg >= 4 * (int64_t)n_threads) {
+        a->chan_block = a->chan_per_group; /* whole groups: dB/dC written by one thread */
+    } else {
+        int64_t block = a->chan_per_group;
+        while (block > 1 && n_bg * ((a->chan_per_group + block - 1) / block) < 4 * n_threads)
+            block = (block + 1) / 2;
+        a->chan_block = block;
+        ba.private_bc = n_threads > 1;
+    }
+    a->blocks_per_group = (a->chan_per_group + a->chan_block - 1) / a->chan_block;
+    a->n_items = n_bg * a->blocks_per_group;
+    if (n_threads > a->n_items) n_threads = (int)a->n_items;
+
+    const size_t small = (size_t)(dim * N + 2 * dim);
+    const size_t bc = ba.private_bc ? (size_t)(2 * n_bg * N * L) : 0;
+    bwd_job *jobs = (bwd_job *)calloc((size_t)n_threads, sizeof(bwd_job));
+    pthread_t *tids = (pthread_t *)calloc((size_t)n_threads, sizeof(pthread_t));
+    float *acc = (float *)calloc((size_t)n_threads * (small + bc), sizeof(float));
+    if (!jobs || !tids || !acc) {
+        free(jobs); free(tids); free(acc);
+        return -2;
+    }
+    for (int i = 0; i < n_threads; ++i) {
+        float *base = acc + (size_t)i * (small + bc);
+        jobs[i] = (bwd_job){&ba, a->n_items * i / n_threads, a->n_items * (i + 1) / n_threads,
+                            base, base + dim * N, base + dim * N + dim,
+                            bc ? base + small : NULL, bc ? base + small + bc / 2 : NULL, -2};
+    }
+    int started = 0;
+    for (int i = 1; i < n_threads; ++i) {
+        if (pthread_create(&tids[i], NULL, bwd_worker, &jobs[i]) != 0) break;
+        started = i;
+    }
+    bwd_worker(&jobs[0]);
+    for (int i = 1; i <= started; ++i) pthread_join(tids[i], NULL);
+    for (int i = started + 1; i < n_threads; ++i) bwd_worker(&jobs[i]);
+
+    int status = 0;
+    for (int i = 0; i < n_threads; ++i) { /* fixed order: deterministic sums */
+        if (jobs[i].status != 0) status = -2;
+        for (int64_t k = 0; k < dim * N; ++k) dA[k] += jobs[i].pdA[k];
+        for (int64_t k = 0; k < dim; ++k) {
+            if (dD) dD[k] += jobs[i].pdD[k];
+            if (ddelta_bias) ddelta_bias[k] += jobs[i].pdbias[k];
+        }
+        if (bc) {
+            for (int64_t k = 0; k < n_bg * N * L; ++k) {
+                dB[k] += jobs[i].pdB[k];
+                dC[k] += jobs[i].pdC[k];
+            }
+        }
+    }
+    free(jobs); free(tids); free(acc);
+    return status;
+}
