@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from hsiedge.io import read_mat_cube
+from hsiedge.io import read_cube
 from hsiedge.models import build_model, count_parameters
 from hsiedge.ops import available_backends
 from hsiedge.preprocess import PCA, standardize
@@ -34,7 +34,7 @@ def _batched(model: torch.nn.Module, x: torch.Tensor, batch: int) -> torch.Tenso
 
 def run(scene: Path) -> Table:
     """Classify `scene` with each seed model; return a table of what happened."""
-    cube = read_mat_cube(scene).astype(np.float32)
+    cube = read_cube(scene).astype(np.float32)
     h, w, bands = cube.shape
     flat = cube.reshape(-1, bands)
     std_cube = standardize(cube, flat.mean(0), flat.std(0))

@@ -1,0 +1,75 @@
+"""Ground-truth label maps: `.mat` maps, single-band rasters / `.npy`, and the argmax of
+reference abundances (how Jasper Ridge gets its tree / water / soil / road classes).
+0 means unlabeled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hsiedge.io.scene import SceneReadError
+
+
+@dataclass
+class LabelMap:
+    """A (rows, cols) integer map, 0 = unlabeled, with class names when the file has them."""
+
+    labels: np.ndarray
+    class_names: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max())
+
+
+def _from_abundances(path: Path, arrays: dict, shape: tuple[int, int] | None) -> LabelMap:
+    """Class of each pixel = the endmember with the largest reference abundance (1-based)."""
+    A = np.asarray(arrays["A"], dtype=np.float64)
+    if "nRow" in arrays and "nCol" in arrays:
+        shape = (int(np.asarray(arrays["nRow"]).ravel()[0]), int(np.asarray(arrays["nCol"]).ravel()[0]))
+    if shape is None or A.shape[1] != shape[0] * shape[1]:
+        raise SceneReadError(f"{path}: expected abundances A of shape (endmembers, rows*cols) matching the "
+                             f"scene {shape}, found {A.shape}")
+    rows, cols = shape
+    # Column-major pixel order, as in the Zhu cube files: p = col * rows + row.
+    labels = (A.argmax(axis=0) + 1).reshape(cols, rows).T.astype(np.uint8)
+    return LabelMap(np.ascontiguousarray(labels), None)
+
+
+def read_labels(path: str | Path, key: str | None = None, shape: tuple[int, int] | None = None) -> LabelMap:
+    """Read a label map; `shape` is the scene's (rows, cols), checked against the map."""
+    from hsiedge.io.matlab import read_mat_labels
+
+    path = Path(path)
+    if not path.is_file():
+        raise SceneReadError(f"{path}: label file not found")
+    suffix = path.suffix.lower()
+    names = None
+    if suffix == ".mat":
+        labels, arrays, endmembers = read_mat_labels(path, key)
+        if labels is None:
+            labels = _from_abundances(path, arrays, shape).labels
+            names = endmembers if endmembers and len(endmembers) == labels.max() else None
+    elif suffix == ".npy":
+        labels = np.load(path, mmap_mode="r")
+    else:
+        from hsiedge.io import open_scene
+
+        with open_scene(path) as s:
+            if s.bands != 1:
+                raise SceneReadError(f"{path}: expected a single-band label raster, found {s.bands} bands")
+            labels = s.read()[..., 0]
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise SceneReadError(f"{path}: expected a 2-D label map, found shape {labels.shape}")
+    if labels.dtype.kind == "f" and (not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels))):
+        raise SceneReadError(f"{path}: expected integer class ids, found non-integer values")
+    if labels.min() < 0:
+        raise SceneReadError(f"{path}: expected class ids >= 0 (0 = unlabeled), found {labels.min()}")
+    labels = labels.astype(np.uint16 if labels.max() > 255 else np.uint8)
+    if shape is not None and labels.shape != tuple(shape):
+        raise SceneReadError(f"{path}: label map is {labels.shape[0]} x {labels.shape[1]} but the scene is "
+                             f"{shape[0]} x {shape[1]}")
+    return LabelMap(labels, names)

@@ -1,0 +1,120 @@
+"""MATLAB `.mat` files: cubes (rows, cols, bands), the column-major (bands, pixels) unmixing
+layout with `nRow` / `nCol` (Jasper Ridge), and 2-D label maps.
+
+v7.3 files are HDF5 and are read window by window with h5py.  v5 files have no random access,
+so scipy loads the array once (memory = the array's size).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import scipy.io as sio
+
+from hsiedge.io.scene import ArrayScene, SceneInfo, SceneReadError
+
+_WAVELENGTH_KEYS = ("wavelengths", "wavelength", "wavlength", "waveLength")
+
+
+def _loadmat(path: Path) -> dict:
+    try:
+        return sio.loadmat(path)
+    except Exception as e:  # scipy raises several types for corrupt or truncated files
+        raise SceneReadError(f"{path}: expected a MATLAB .mat file, but it could not be read ({e})") from e
+
+
+def _numeric(raw: dict) -> dict[str, np.ndarray]:
+    return {k: v for k, v in raw.items() if not k.startswith("__") and isinstance(v, np.ndarray)
+            and v.dtype.kind in "uifb"}
+
+
+def load_v5(path: Path) -> dict[str, np.ndarray]:
+    """All numeric arrays of a v5 `.mat` file."""
+    return _numeric(_loadmat(path))
+
+
+def _h5_arrays(f: h5py.File) -> dict[str, h5py.Dataset]:
+    return {k: v for k, v in f.items() if isinstance(v, h5py.Dataset) and v.dtype.kind in "uifb"}
+
+
+def _scalar(a) -> int:
+    return int(np.asarray(a).ravel()[0])
+
+
+def _pick(path: Path, arrays: dict, ndim: int, key: str | None, what: str) -> str:
+    if key is not None:
+        if key not in arrays:
+            raise SceneReadError(f"{path}: expected an array named '{key}', found {sorted(arrays)}")
+        return key
+    found = [k for k, v in arrays.items() if v.ndim == ndim]
+    if len(found) != 1:
+        listing = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items()) or "no numeric arrays"
+        raise SceneReadError(f"{path}: expected one {what}, found {'several' if found else 'none'} "
+                             f"({listing}); choose one with --key")
+    return found[0]
+
+
+def open_mat_scene(path: Path, key: str | None = None) -> ArrayScene:
+    """Open a `.mat` cube as a Scene (see the module docstring for the layouts)."""
+    if h5py.is_hdf5(path):
+        f = h5py.File(path, "r")
+        arrays = _h5_arrays(f)
+        k = _pick(path, arrays, 3, key, "3-D (rows, cols, bands) array")
+        ds = arrays[k]
+        if ds.ndim != 3:
+            f.close()
+            raise SceneReadError(f"{path}: expected a 3-D (rows, cols, bands) cube in '{k}', found a "
+                                 f"{ds.ndim}-D array of shape {ds.shape}")
+        bands, cols, rows = ds.shape  # HDF5 sees MATLAB's column-major array transposed
+        info = SceneInfo(path, rows, cols, bands, ds.dtype, layout=f"MATLAB v7.3 '{k}'")
+        return ArrayScene(info, ds, axes="bcr", on_close=f.close)
+
+    arrays = load_v5(path)
+    wl = next((np.asarray(arrays[k], dtype=np.float64).ravel() for k in _WAVELENGTH_KEYS if k in arrays),
+              None)
+    if key is None and {"Y", "nRow", "nCol"} <= arrays.keys():
+        key = "Y"
+    k = _pick(path, arrays, 3, key, "3-D (rows, cols, bands) array")
+    arr = arrays[k]
+    if arr.ndim == 2 and {"nRow", "nCol"} <= arrays.keys():
+        rows, cols = _scalar(arrays["nRow"]), _scalar(arrays["nCol"])
+        if arr.shape[1] != rows * cols:
+            raise SceneReadError(f"{path}: expected '{k}' of shape (bands, {rows}*{cols}), found {arr.shape}")
+        arr = arr.reshape(-1, cols, rows)  # pixels are column-major: p = col * nRow + row
+        info = SceneInfo(path, rows, cols, arr.shape[0], arr.dtype, layout=f"MATLAB (bands, pixels) '{k}'")
+        return ArrayScene(info, arr, axes="bcr")
+    if arr.ndim != 3:
+        raise SceneReadError(f"{path}: expected a 3-D (rows, cols, bands) cube in '{k}', found a "
+                             f"{arr.ndim}-D array of shape {arr.shape}")
+    if wl is not None and wl.size != arr.shape[2]:
+        wl = None
+    info = SceneInfo(path, arr.shape[0], arr.shape[1], arr.shape[2], arr.dtype, wavelengths=wl,
+                     layout=f"MATLAB cube '{k}'")
+    return ArrayScene(info, arr)
+
+
+def read_mat_labels(path: Path, key: str | None = None
+                    ) -> tuple[np.ndarray | None, dict[str, np.ndarray], list[str] | None]:
+    """(2-D label map, every numeric array, endmember names) of a `.mat` file.
+
+    For a reference-abundance file (arrays `A` and `M`, no key) the map is None: the caller
+    takes the argmax of `A`.  Names come from Zhu's `cood` cell array when present.
+    """
+    names = None
+    if h5py.is_hdf5(path):
+        with h5py.File(path, "r") as f:
+            arrays = {k: np.asarray(v).T for k, v in _h5_arrays(f).items()}
+    else:
+        raw = _loadmat(path)
+        arrays = _numeric(raw)
+        if "cood" in raw:
+            # Zhu's names look like '1-tree': keep the name, not its number.
+            names = [re.sub(r"^\s*\d+\s*[-_:.]\s*", "", str(np.asarray(x).ravel()[0])).strip()
+                     for x in np.asarray(raw["cood"]).ravel()]
+    if key is None and "A" in arrays and "M" in arrays:
+        return None, arrays, names
+    k = _pick(path, arrays, 2, key, "2-D label map")
+    return arrays[k], arrays, None
