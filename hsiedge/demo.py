@@ -20,7 +20,7 @@ from rich.table import Table
 from hsiedge.io import read_cube
 from hsiedge.models import build_model, count_parameters
 from hsiedge.ops import available_backends
-from hsiedge.preprocess import PCA, standardize
+from hsiedge.preprocess import PCA, Chain, Standardize
 from hsiedge.tiling import pixel_patches
 
 DEFAULT_SCENE = (Path(__file__).resolve().parents[2] / "shared" / "datasets" / "jasper_ridge"
@@ -37,9 +37,10 @@ def run(scene: Path) -> Table:
     cube = read_cube(scene).astype(np.float32)
     h, w, bands = cube.shape
     flat = cube.reshape(-1, bands)
-    std_cube = standardize(cube, flat.mean(0), flat.std(0))
+    std_cube, _ = Chain([Standardize()]).fit(flat).apply(cube)
     image = torch.from_numpy(std_cube).permute(2, 0, 1).contiguous()  # (bands, H, W)
-    pca_image = torch.from_numpy(PCA.fit(std_cube.reshape(-1, bands), 30).apply(std_cube)).permute(2, 0, 1)
+    pca_cube, _ = Chain([Standardize(), PCA(30)]).fit(flat, flat).apply(cube)
+    pca_image = torch.from_numpy(pca_cube).permute(2, 0, 1)
     n_cls = len(JASPER_CLASSES)
 
     table = Table(title=f"hsiedge demo: {scene.name} ({h} x {w} x {bands}), untrained weights")

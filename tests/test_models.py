@@ -10,7 +10,7 @@ import torch
 from torch.export import Dim
 
 from hsiedge.models import MODELS, Mamba, build_model, count_parameters
-from hsiedge.preprocess import PCA, standardize
+from hsiedge.preprocess import PCA, Chain, Standardize
 from hsiedge.tiling import pixel_patches
 
 MAMBA_KEYS = ["in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
@@ -26,8 +26,8 @@ def mamba_params(d: int, n: int = 16, k: int = 4, e: int = 2) -> int:
 def scene(jasper_cube) -> torch.Tensor:
     """A standardised 24 x 28 window of Jasper Ridge, (bands, H, W)."""
     crop = jasper_cube[30:54, 40:68].astype(np.float32)
-    flat = crop.reshape(-1, crop.shape[-1])
-    return torch.from_numpy(standardize(crop, flat.mean(0), flat.std(0))).permute(2, 0, 1).contiguous()
+    x, _ = Chain([Standardize()]).fit(crop.reshape(-1, crop.shape[-1])).apply(crop)
+    return torch.from_numpy(x).permute(2, 0, 1).contiguous()
 
 
 def scan_nodes(ep) -> int:
@@ -79,7 +79,7 @@ def test_paper_parameter_budgets():
     patch = count_parameters(build_model("spectralmamba", in_channels=145, num_classes=14))
     pixel = count_parameters(build_model("spectralmamba", in_channels=145, num_classes=14, patch_size=0))
     assert abs(patch - 34_960) / 34_960 < 0.10 and abs(pixel - 12_330) / 12_330 < 0.10
-    assert patch - pixel == 145 * 9 + 145 + 145 * 145 + 145  # the GSSM convolutions
+    assert patch - pixel == 145 * 9 + 145 + 145 * 145 + 145 + 7 * 7  # GSSM convolutions + merge weights
     md2f = count_parameters(build_model("md2f-mamba", in_channels=30, num_classes=9))
     assert abs(md2f - 92_000) / 92_000 < 0.05
 
@@ -103,8 +103,9 @@ def test_patch_models_on_real_scene(scene):
     bands, h, w = scene.shape
     sm = build_model("spectralmamba", in_channels=bands, num_classes=4).eval()
     smp = build_model("spectralmamba", in_channels=bands, num_classes=4, patch_size=0).eval()
-    pca = PCA.fit(scene.permute(1, 2, 0).reshape(-1, bands).numpy(), 30)
-    pca_img = torch.from_numpy(pca.apply(scene.permute(1, 2, 0).numpy())).permute(2, 0, 1)
+    hwc = scene.permute(1, 2, 0).numpy()
+    pca = PCA(30).fit(hwc.reshape(-1, bands).astype(np.float64))
+    pca_img = torch.from_numpy(pca.apply(hwc)).permute(2, 0, 1)
     md = build_model("md2f-mamba", in_channels=30, num_classes=4).eval()
     with torch.no_grad():
         p7 = pixel_patches(scene, 7)

@@ -114,6 +114,8 @@ class MD2FMamba(nn.Module):
         self.mdconv = MDConv(hidden_dim)
         self.local_branch = MSLFEM(hidden_dim, patch_size)
         self.global_branch = HSMGFE(hidden_dim, patch_size, d_state=d_state, expand=expand)
+        r = torch.arange(patch_size, dtype=torch.float32) - patch_size // 2
+        self.pool_logits = nn.Parameter(-(r[:, None] ** 2 + r[None, :] ** 2) / 2.0)
         self.head = nn.Linear(hidden_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,4 +125,5 @@ class MD2FMamba(nn.Module):
         f_l, f_g = self.local_branch(f), self.global_branch(f)
         s = F.cosine_similarity(f_g, f_l, dim=1, eps=1e-8).unsqueeze(1)  # CSFF
         fused = F.relu(f_g + f_l * s)
-        return self.head(fused.mean(dim=(2, 3)))
+        weights = torch.softmax(self.pool_logits.flatten(), 0).view_as(self.pool_logits)
+        return self.head((fused * weights).sum(dim=(2, 3)))

@@ -39,14 +39,18 @@ from hsiedge.models.mamba import ResidualMamba
 class GatedSpatialSpectralMerging(nn.Module):
     """Patch (batch, bands, p, p) -> one gated, merged spectrum (batch, bands)."""
 
-    def __init__(self, bands: int, kernel_size: int = 3) -> None:
+    def __init__(self, bands: int, patch_size: int, kernel_size: int = 3) -> None:
         super().__init__()
         self.depthwise = nn.Conv2d(bands, bands, kernel_size, padding=kernel_size // 2, groups=bands)
         self.pointwise = nn.Conv2d(bands, bands, kernel_size=1)
+        # Learnable merge weights over the patch positions, initialised to a centred Gaussian.
+        r = torch.arange(patch_size, dtype=torch.float32) - patch_size // 2
+        self.merge_logits = nn.Parameter(-(r[:, None] ** 2 + r[None, :] ** 2) / 2.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = torch.sigmoid(self.pointwise(self.depthwise(x)))
-        return (gate * x).mean(dim=(2, 3))
+        weights = torch.softmax(self.merge_logits.flatten(), 0).view_as(self.merge_logits)
+        return (gate * x * weights).sum(dim=(2, 3))
 
 
 class SpectralMamba(nn.Module):
@@ -62,7 +66,7 @@ class SpectralMamba(nn.Module):
         self.patch_size, self.pieces = patch_size, pieces
         self.input_kind = "patch" if patch_size else "pixel"
         self.piece_len = math.ceil(in_channels / pieces)
-        self.gssm = GatedSpatialSpectralMerging(in_channels) if patch_size else None
+        self.gssm = GatedSpatialSpectralMerging(in_channels, patch_size) if patch_size else None
         self.embed = nn.Linear(self.piece_len, d_model)
         self.pos_embed = nn.Parameter(torch.zeros(1, pieces, d_model))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
