@@ -5,7 +5,7 @@ PY       := $(VENV)/bin/python
 TORCH    := torch==2.13.0
 STAMP    := $(VENV)/.hsiedge-installed
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench bench-accuracy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,11 @@ test: lint  ## ruff, then the test suite (CPU; GPU tests skip with their reason)
 demo: setup  ## every seed model on a real scene (Jasper Ridge) from ../shared/datasets
 	$(PY) -m hsiedge.demo
 
-bench: setup  ## benchmark tables (not tests)
+bench: setup  ## benchmark tables (not tests): the op at both extremes (a few minutes)
 	$(PY) bench/scan_cpu.py
+
+bench-accuracy: setup  ## the three models vs an RBF-SVM on Jasper Ridge, 3 seeds x 2 protocols (~40 min)
+	$(PY) bench/accuracy.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

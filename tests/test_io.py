@@ -215,3 +215,10 @@ def test_no_warning_when_byte_order_is_given(tmp_path, real_cube):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         np.testing.assert_array_equal(read_cube(tmp_path / "x.hdr"), real_cube)
+
+
+def test_urban_labels_from_abundances_with_their_own_size(datasets):
+    """Urban's reference file carries nRow / nCol, so no scene is needed to unfold it."""
+    lm = read_labels(datasets / "urban" / "_EndUrban_R162.mat")
+    assert lm.labels.shape == (307, 307)
+    np.testing.assert_array_equal(np.bincount(lm.labels.ravel()), [0, 29954, 32328, 24805, 7162])

@@ -13,6 +13,9 @@ import numpy as np
 from hsiedge.io.labels import LabelMap, read_labels
 from hsiedge.io.scene import ArrayScene, Scene, SceneInfo, SceneReadError, Window
 
+# Data files that an ENVI header next to them describes (anything else goes to GDAL).
+ENVI_DATA_SUFFIXES = ("", ".raw", ".img", ".dat", ".bsq", ".bil", ".bip")
+
 
 def open_scene(path: str | Path, key: str | None = None) -> Scene:
     """Open a hyperspectral scene for windowed reads; `key` picks the array of a `.mat` file."""
@@ -34,7 +37,7 @@ def open_scene(path: str | Path, key: str | None = None) -> Scene:
         if arr.ndim != 3:
             raise SceneReadError(f"{path}: expected a 3-D (rows, cols, bands) array, found shape {arr.shape}")
         return ArrayScene(SceneInfo(path, *arr.shape, arr.dtype, layout="npy (rows, cols, bands)"), arr)
-    if suffix == ".hdr" or path.with_suffix(".hdr").is_file():
+    if suffix == ".hdr" or (suffix in ENVI_DATA_SUFFIXES and path.with_suffix(".hdr").is_file()):
         from hsiedge.io.envi import open_envi_scene
 
         return open_envi_scene(path)

@@ -17,6 +17,7 @@ from hsiedge.io.scene import ArrayScene, SceneInfo, SceneReadError
 
 DTYPES = {1: "u1", 2: "i2", 3: "i4", 4: "f4", 5: "f8", 12: "u2", 13: "u4", 14: "i8", 15: "u8"}
 AXES = {"bsq": "brc", "bil": "rbc", "bip": "rcb"}
+# Where the data file next to a header may be, searched in this order.
 DATA_SUFFIXES = ("", ".raw", ".img", ".dat", ".bsq", ".bil", ".bip", ".RAW", ".IMG", ".DAT")
 
 

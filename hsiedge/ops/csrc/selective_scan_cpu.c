@@ -45,7 +45,19 @@ typedef struct {
     int status;
 } scan_job;
 
-static inline float softplus_f(float x) { return x <= 20.0f ? log1pf(expf(x)) : x; }
+/* dt_t = softplus(delta_t + bias) (or delta_t + bias) for t < n, as one vectorisable loop. */
+static inline __attribute__((always_inline)) void delta_to_dt(
+    const float *restrict dl, float bias, int softplus, int64_t n, float *restrict dts)
+{
+    if (softplus) {
+        for (int64_t t = 0; t < n; ++t) {
+            const float x = dl[t] + bias;
+            dts[t] = x <= 20.0f ? log1pf(expf(x)) : x;
+        }
+    } else {
+        for (int64_t t = 0; t < n; ++t) dts[t] = dl[t] + bias;
+    }
+}
 
 /* One channel over one time tile.  N is a parameter so that the call with a
  * literal 16 below is specialised (fully unrolled) after inlining.  The
@@ -63,14 +75,7 @@ static inline __attribute__((always_inline)) void scan_channel_tile(
     const float bias = a->delta_bias ? a->delta_bias[d] : 0.0f;
     const float Dd = a->D ? a->D[d] : 0.0f;
 
-    if (a->softplus) {
-        for (int64_t t = 0; t < tl; ++t) {
-            const float x = dl[t] + bias;
-            dts[t] = x <= 20.0f ? log1pf(expf(x)) : x;
-        }
-    } else {
-        for (int64_t t = 0; t < tl; ++t) dts[t] = dl[t] + bias;
-    }
+    delta_to_dt(dl, bias, a->softplus, tl, dts);
     for (int64_t t = 0; t < tl; ++t) {
         const float dt = dts[t], ut = u[t], dtu = dt * ut;
         const float *restrict Bn = Bt + t * N;
@@ -264,14 +269,7 @@ static void *bwd_worker(void *p)
             const float bias = a->delta_bias ? a->delta_bias[d] : 0.0f;
             const float Dd = a->D ? a->D[d] : 0.0f;
 
-            if (a->softplus) {
-                for (int64_t t = 0; t < L; ++t) {
-                    const float x = dl[t] + bias;
-                    dts[t] = x <= 20.0f ? log1pf(expf(x)) : x;
-                }
-            } else {
-                for (int64_t t = 0; t < L; ++t) dts[t] = dl[t] + bias;
-            }
+            delta_to_dt(dl, bias, a->softplus, L, dts);
             for (int64_t t = 0; t < L; ++t) { /* forward recompute, keeping h_t */
                 const float dt = dts[t], dtu = dt * u[t];
                 const float *restrict hp = t ? hist + (t - 1) * N : zeros;
