@@ -30,7 +30,7 @@ from hsiedge.checkpoint import load_checkpoint, save_checkpoint
 from hsiedge.io import read_cube, read_labels
 from hsiedge.metrics import accuracy_report
 from hsiedge.splits import make_split
-from hsiedge.train import _Scorer, train_model
+from hsiedge.train import ScenePredictor, train_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "jasper_ridge"
 
@@ -59,7 +59,7 @@ def round_trip_ok(result, cube: np.ndarray, tmp: Path) -> bool:
     outs = []
     for c in (result.checkpoint, ckpt):
         x, _ = c.preprocessing.apply(cube)
-        scorer = _Scorer(c.build(), torch.from_numpy(x).permute(2, 0, 1).contiguous())
+        scorer = ScenePredictor(c.build(), torch.from_numpy(x).permute(2, 0, 1).contiguous())
         outs.append(scorer.predict(np.arange(cube.shape[0] * cube.shape[1])))
     return bool(np.array_equal(*outs))
 

@@ -64,8 +64,8 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-class _Scorer:
-    """Predicts class ids for flat pixel indices of one preprocessed scene."""
+class ScenePredictor:
+    """A model and one preprocessed scene (C, H, W): logits or class ids for flat pixel indices."""
 
     def __init__(self, model: nn.Module, image: torch.Tensor, batch: int = 256) -> None:
         self.model, self.image, self.batch = model, image, batch  # image: (C, H, W)
@@ -140,7 +140,7 @@ def train_model(
     config = {"in_channels": chain.out_bands, "num_classes": num_classes, **(model_config or {})}
     model = build_model(model_name, **config).to(device)
     image = torch.from_numpy(x).permute(2, 0, 1).contiguous().to(device)
-    scorer = _Scorer(model, image)
+    scorer = ScenePredictor(model, image)
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     y_t = torch.from_numpy(y).to(device)
     gen = torch.Generator().manual_seed(seed)

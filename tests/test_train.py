@@ -15,7 +15,7 @@ from hsiedge.cli import app
 from hsiedge.io import read_labels
 from hsiedge.metrics import accuracy_report
 from hsiedge.models import build_model
-from hsiedge.train import _Scorer, train_model
+from hsiedge.train import ScenePredictor, train_model
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def crop(datasets, jasper_cube):
 
 def _predict(ckpt, cube) -> np.ndarray:
     x, _ = ckpt.preprocessing.apply(cube)
-    scorer = _Scorer(ckpt.build(), torch.from_numpy(x).permute(2, 0, 1).contiguous())
+    scorer = ScenePredictor(ckpt.build(), torch.from_numpy(x).permute(2, 0, 1).contiguous())
     return scorer.predict(np.arange(cube.shape[0] * cube.shape[1]))
 
 
