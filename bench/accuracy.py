@@ -6,7 +6,8 @@ Default scene: Jasper Ridge (AVIRIS, 100 x 100 x 198); labels = argmax of its re
 abundances (tree, water, dirt, road).  Every model is trained by `hsiedge.train.train_model`
 with its recipe, on CPU; the SVM (scikit-learn, standardised spectra, C and gamma chosen by
 3-fold cross-validation on the training + validation pixels) sees the very same split.
-Also printed, to explain gaps: SpectralMamba's pixel-wise variant; the best OA any
+Also printed, to explain gaps: SpectralMamba's pixel-wise variant and MD2F-Mamba on 1 x 1
+patches (the same networks and recipes without spatial context); the best OA any
 1/4-resolution output upsampled like MambaHSI's can reach on these labels (free logits
 fitted to the labels themselves); and how often a pixel's neighbours share its label.
 Each run's checkpoint is saved, loaded back and must predict identically.
@@ -33,6 +34,9 @@ from hsiedge.splits import make_split
 from hsiedge.train import ScenePredictor, train_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "jasper_ridge"
+# Diagnostic variants: the same networks and recipes without spatial context.
+VARIANTS = {"spectralmamba-pixel": ("spectralmamba", {"patch_size": 0}),
+            "md2f-mamba-1x1": ("md2f-mamba", {"patch_size": 1})}
 
 
 def svm_run(cube: np.ndarray, labels: np.ndarray, protocol: str, seed: int) -> dict:
@@ -91,8 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--protocols", nargs="+", default=["per-class:30", "ratio:0.05"])
-    ap.add_argument("--models", nargs="+", default=["mambahsi", "spectralmamba", "md2f-mamba",
-                                                    "spectralmamba-pixel"])
+    ap.add_argument("--models", nargs="+", default=["mambahsi", "spectralmamba", "md2f-mamba", *VARIANTS])
     ap.add_argument("--quick", action="store_true", help="5 epochs per model: a smoke run, not a result")
     a = ap.parse_args()
     console = Console(width=160)
@@ -107,8 +110,7 @@ def main() -> None:
             for seed in a.seeds:
                 rows.setdefault(("svm-rbf", protocol), []).append(svm_run(cube, lm.labels, protocol, seed))
                 for name in a.models:
-                    model, cfg = (("spectralmamba", {"patch_size": 0}) if name == "spectralmamba-pixel"
-                                  else (name, {}))
+                    model, cfg = VARIANTS.get(name, (name, {}))
                     console.print(f"[dim]{protocol} seed {seed}: {name}...[/dim]")
                     res = train_model(model, cube, lm.labels, protocol=protocol, seed=seed,
                                       epochs=5 if a.quick else None, class_names=lm.class_names,
