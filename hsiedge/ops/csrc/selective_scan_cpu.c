@@ -94,6 +94,22 @@ static inline __attribute__((always_inline)) void scan_channel_tile(
     }
 }
 
+/* Run fn on n jobs of job_size bytes each: job 0 on the calling thread, the others on
+ * pthreads; a job whose thread cannot be started runs here afterwards, in order. */
+static void run_jobs(void *(*fn)(void *), void *jobs, size_t job_size, int n)
+{
+    pthread_t *tids = n > 1 ? (pthread_t *)malloc(sizeof(pthread_t) * (size_t)n) : NULL;
+    int started = 0;
+    for (int i = 1; i < n && tids; ++i) {
+        if (pthread_create(&tids[i], NULL, fn, (char *)jobs + (size_t)i * job_size) != 0) break;
+        started = i;
+    }
+    fn(jobs);
+    for (int i = 1; i <= started; ++i) pthread_join(tids[i], NULL);
+    for (int i = started + 1; i < n; ++i) fn((char *)jobs + (size_t)i * job_size);
+    free(tids);
+}
+
 static void *scan_worker(void *p)
 {
     scan_job *job = (scan_job *)p;
@@ -173,32 +189,18 @@ int hsiedge_selective_scan_f32(const float *u, const float *delta, const float *
     if (n_threads > a.n_items) n_threads = (int)a.n_items;
 
     scan_job *jobs = (scan_job *)calloc((size_t)n_threads, sizeof(scan_job));
-    pthread_t *tids = (pthread_t *)calloc((size_t)n_threads, sizeof(pthread_t));
-    if (!jobs || !tids) {
-        free(jobs);
-        free(tids);
-        return -2;
-    }
-    int status = 0, started = 0;
+    if (!jobs) return -2;
+    int status = 0;
     for (int i = 0; i < n_threads; ++i) {
         jobs[i].a = &a;
         jobs[i].item_begin = a.n_items * i / n_threads;
         jobs[i].item_end = a.n_items * (i + 1) / n_threads;
         jobs[i].status = -2;
     }
-    /* Thread 0's share runs on the calling thread. */
-    for (int i = 1; i < n_threads; ++i) {
-        if (pthread_create(&tids[i], NULL, scan_worker, &jobs[i]) != 0) break;
-        started = i;
-    }
-    scan_worker(&jobs[0]);
-    for (int i = 1; i <= started; ++i) pthread_join(tids[i], NULL);
-    /* Items of threads that could not be started run here, in order. */
-    for (int i = started + 1; i < n_threads; ++i) scan_worker(&jobs[i]);
+    run_jobs(scan_worker, jobs, sizeof(scan_job), n_threads);
     for (int i = 0; i < n_threads; ++i)
         if (jobs[i].status != 0) status = -2;
     free(jobs);
-    free(tids);
     return status;
 }
 
@@ -384,10 +386,9 @@ int hsiedge_selective_scan_bwd_f32(const float *u, const float *delta, const flo
     const size_t small = (size_t)(dim * N + 2 * dim);
     const size_t bc = ba.private_bc ? (size_t)(2 * n_bg * N * L) : 0;
     bwd_job *jobs = (bwd_job *)calloc((size_t)n_threads, sizeof(bwd_job));
-    pthread_t *tids = (pthread_t *)calloc((size_t)n_threads, sizeof(pthread_t));
     float *acc = (float *)calloc((size_t)n_threads * (small + bc), sizeof(float));
-    if (!jobs || !tids || !acc) {
-        free(jobs); free(tids); free(acc);
+    if (!jobs || !acc) {
+        free(jobs); free(acc);
         return -2;
     }
     for (int i = 0; i < n_threads; ++i) {
@@ -396,14 +397,7 @@ int hsiedge_selective_scan_bwd_f32(const float *u, const float *delta, const flo
                             base, base + dim * N, base + dim * N + dim,
                             bc ? base + small : NULL, bc ? base + small + bc / 2 : NULL, -2};
     }
-    int started = 0;
-    for (int i = 1; i < n_threads; ++i) {
-        if (pthread_create(&tids[i], NULL, bwd_worker, &jobs[i]) != 0) break;
-        started = i;
-    }
-    bwd_worker(&jobs[0]);
-    for (int i = 1; i <= started; ++i) pthread_join(tids[i], NULL);
-    for (int i = started + 1; i < n_threads; ++i) bwd_worker(&jobs[i]);
+    run_jobs(bwd_worker, jobs, sizeof(bwd_job), n_threads);
 
     int status = 0;
     for (int i = 0; i < n_threads; ++i) { /* fixed order: deterministic sums */
@@ -420,6 +414,6 @@ int hsiedge_selective_scan_bwd_f32(const float *u, const float *delta, const flo
             }
         }
     }
-    free(jobs); free(tids); free(acc);
+    free(jobs); free(acc);
     return status;
 }
