@@ -31,7 +31,7 @@ from hsiedge.checkpoint import load_checkpoint, save_checkpoint
 from hsiedge.io import read_cube, read_labels
 from hsiedge.metrics import accuracy_report
 from hsiedge.splits import make_split
-from hsiedge.train import ScenePredictor, train_model
+from hsiedge.train import predict_scene, train_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "jasper_ridge"
 # Diagnostic variants: the same networks and recipes without spatial context.
@@ -59,13 +59,8 @@ def svm_run(cube: np.ndarray, labels: np.ndarray, protocol: str, seed: int) -> d
 def round_trip_ok(result, cube: np.ndarray, tmp: Path) -> bool:
     """train -> save -> load -> identical predictions on every pixel."""
     path = save_checkpoint(tmp / "ckpt.pt", result.checkpoint)
-    ckpt = load_checkpoint(path)
-    outs = []
-    for c in (result.checkpoint, ckpt):
-        x, _ = c.preprocessing.apply(cube)
-        scorer = ScenePredictor(c.build(), torch.from_numpy(x).permute(2, 0, 1).contiguous())
-        outs.append(scorer.predict(np.arange(cube.shape[0] * cube.shape[1])))
-    return bool(np.array_equal(*outs))
+    before, after = predict_scene(result.checkpoint, cube), predict_scene(load_checkpoint(path), cube)
+    return bool(np.array_equal(before, after))
 
 
 def quarter_resolution_ceiling(labels: np.ndarray, steps: int = 1500) -> float:

@@ -94,6 +94,13 @@ class ScenePredictor:
         return self.logits(idx).argmax(1).cpu().numpy()
 
 
+def predict_scene(ckpt: Checkpoint, cube: np.ndarray) -> np.ndarray:
+    """Class ids (0-based) of every pixel of a (rows, cols, bands) cube, raster order."""
+    x, _ = ckpt.preprocessing.apply(cube)
+    predictor = ScenePredictor(ckpt.build(), torch.from_numpy(x).permute(2, 0, 1).contiguous())
+    return predictor.predict(np.arange(cube.shape[0] * cube.shape[1]))
+
+
 def _augment(patches: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One of the 8 flips / quarter turns of the square, per batch (the centre pixel stays put)."""
     k, flip = torch.randint(0, 4, (1,), generator=gen).item(), torch.randint(0, 2, (1,), generator=gen).item()

@@ -15,19 +15,13 @@ from hsiedge.cli import app
 from hsiedge.io import read_labels
 from hsiedge.metrics import accuracy_report
 from hsiedge.models import build_model
-from hsiedge.train import ScenePredictor, train_model
+from hsiedge.train import predict_scene, train_model
 
 
 @pytest.fixture(scope="module")
 def crop(datasets, jasper_cube):
     labels = read_labels(datasets / "jasper_ridge" / "_EndJasperRidge2_R198.mat", shape=(100, 100)).labels
     return jasper_cube[20:52, 30:62], labels[20:52, 30:62]
-
-
-def _predict(ckpt, cube) -> np.ndarray:
-    x, _ = ckpt.preprocessing.apply(cube)
-    scorer = ScenePredictor(ckpt.build(), torch.from_numpy(x).permute(2, 0, 1).contiguous())
-    return scorer.predict(np.arange(cube.shape[0] * cube.shape[1]))
 
 
 @pytest.mark.parametrize("model,epochs", [("spectralmamba", 12), ("md2f-mamba", 4), ("mambahsi", 12)])
@@ -40,7 +34,7 @@ def test_short_training_learns_and_round_trips(crop, tmp_path, model, epochs):
     ckpt = res.checkpoint
     assert ckpt.preprocessing.fitted and ckpt.split.train.size > 0
     # The stored test metrics are what the kept weights give on the test pixels.
-    pred = _predict(ckpt, cube)
+    pred = predict_scene(ckpt, cube)
     y = labels.ravel().astype(np.int64) - 1
     test = ckpt.split.test
     assert accuracy_report(y[test], pred[test], 4)["oa"] == pytest.approx(res.report["oa"])
@@ -49,7 +43,7 @@ def test_short_training_learns_and_round_trips(crop, tmp_path, model, epochs):
     back = load_checkpoint(path)
     assert back.model_name == model and back.class_names == ["tree", "water", "dirt", "road"]
     np.testing.assert_array_equal(back.split.test, ckpt.split.test)
-    np.testing.assert_array_equal(_predict(back, cube), pred)
+    np.testing.assert_array_equal(predict_scene(back, cube), pred)
 
 
 def test_checkpoint_is_plain_data(crop, tmp_path):
