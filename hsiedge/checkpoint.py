@@ -64,7 +64,9 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         "split": None if ckpt.split is None else {
             "train": torch.from_numpy(ckpt.split.train), "val": torch.from_numpy(ckpt.split.val),
             "test": torch.from_numpy(ckpt.split.test), "protocol": ckpt.split.protocol,
-            "seed": ckpt.split.seed},
+            "seed": ckpt.split.seed,
+            **({} if ckpt.split.test_labels is None else
+               {"test_labels": torch.from_numpy(ckpt.split.test_labels)})},
         "metrics": ckpt.metrics, "train_info": ckpt.train_info,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,10 @@ def _infer_mambahsi_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
             "token_num": int(-(-hidden // token_dim))}
 
 
+def _optional_numpy(t: torch.Tensor | None):
+    return None if t is None else t.numpy()
+
+
 def load_checkpoint(path: str | Path, model: str | None = None, **config: Any) -> Checkpoint:
     """Read a checkpoint (or a bare state_dict, given `model` and, if not MambaHSI, `config`)."""
     path = Path(path)
@@ -113,7 +119,8 @@ def load_checkpoint(path: str | Path, model: str | None = None, **config: Any) -
             None if obj.get("preprocessing") is None else Chain.from_dict(obj["preprocessing"]),
             obj.get("class_names"),
             None if split is None else Split(split["train"].numpy(), split["val"].numpy(),
-                                             split["test"].numpy(), split["protocol"], int(split["seed"])),
+                                             split["test"].numpy(), split["protocol"], int(split["seed"]),
+                                             _optional_numpy(split.get("test_labels"))),
             obj.get("metrics") or {}, obj.get("train_info") or {}, obj.get("hsiedge_version", "?"))
     if "format" in obj:
         raise CheckpointError(f"{path}: checkpoint format {obj['format']!r} is not {FORMAT!r}")

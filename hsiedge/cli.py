@@ -19,7 +19,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
+# Piped output (logs, CI) gets wide tables rather than Rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 
@@ -122,7 +123,7 @@ def train(
         fail(str(e))
     try:
         with open_scene(scene, key=key) as s:
-            cube, nodata = s.read(), s.nodata
+            cube, nodata, wavelengths = s.read(), s.nodata, s.wavelengths
         lm = read_labels(labels, key=labels_key, shape=cube.shape[:2])
     except SceneReadError as e:
         fail(str(e))
@@ -141,6 +142,10 @@ def train(
                                      task, completed=r["epoch"], loss=r["loss"], val=r["val_oa"]))
         except ValueError as e:
             fail(str(e))
+    # Where the scene is, so that `hsiedge export` can score the test split without being told.
+    result.checkpoint.train_info.update({
+        "scene": str(scene.resolve()), "scene_key": key, "labels": str(labels.resolve()),
+        "labels_key": labels_key, "wavelengths": None if wavelengths is None else wavelengths.tolist()})
     save_checkpoint(output, result.checkpoint)
     report = result.report
     if as_json:
@@ -151,6 +156,175 @@ def train(
         console.print(t)
     console.print(f"wrote {output} ({model}, {protocol}, seed {seed}, {n_epochs} epochs, "
                   f"{report['train_seconds']:.1f} s)")
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _sci(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2e}"
+
+
+def _parity_table(report: dict, title: str) -> Table:
+    orig = report["original"]
+    t = Table(title=title, caption=f"original: torch on {orig['device']}; "
+              + "; ".join(f"{r['runtime']}: {r['artifact']} on {r['device']}"
+                          + (f" ({r['notes']})" if r["notes"] else "") for r in report["results"]))
+    for col in ("runtime", "prec.", "max |Δ|", "mean |Δ|", "rel L2", "cosine", "agree", "differ",
+                "OA orig→art", "ΔOA pt", "verdict"):
+        t.add_column(col, justify="left" if col in ("runtime", "verdict") else "right")
+    for r in report["results"]:
+        f = r["figures"]
+        d_oa = f.get("delta_oa")
+        oa = "-" if d_oa is None else f"{100 * f['oa_original']:.2f}→{100 * f['oa_artifact']:.2f}"
+        t.add_row(r["runtime"], r["precision"], _sci(f["max_abs_error"]), _sci(f["mean_abs_error"]),
+                  _sci(f["rel_l2"]), f"{f['cosine']:.6f}", _pct(f["agreement"]),
+                  f"{f['labels_differ']}/{f['pixels']}", oa, "-" if d_oa is None else f"{100 * d_oa:+.2f}",
+                  "[green]pass[/green]" if r["passed"] else "[red]FAIL[/red]")
+    return t
+
+
+def _failure_line(report: dict) -> str:
+    return "; ".join(f"{r['runtime']} ({r['precision']}): {', '.join(r['failures'])}"
+                     for r in report["results"] if not r["passed"])
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint written by `hsiedge train` (.pt)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Bundle directory to write."),
+    scan: str = typer.Option("plugin", help="plugin: one SelectiveScan node per scan (TensorRT plugin); "
+                             "portable: standard ONNX ops only."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or int8 (explicit Q/DQ)."),
+    calib: Path | None = typer.Option(None, "--calib", help="Scene for int8 calibration and the parity "
+                                      "check (default: the checkpoint's training scene, test split)."),
+    calib_key: str | None = typer.Option(None, "--calib-key", help="Array of a .mat --calib scene."),
+    calib_method: str = typer.Option("percentile", help="int8 calibrator: percentile or entropy."),
+    engine: bool = typer.Option(False, "--engine", help="Also build a TensorRT engine (needs TensorRT)."),
+    force: bool = typer.Option(False, "--force", help="Write the bundle even if parity fails (recorded)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Export a checkpoint to a bundle (ONNX + manifest) and prove it with a parity check."""
+    from hsiedge.checkpoint import CheckpointError
+    from hsiedge.export.bundle_export import ExportError, ParityFailedError, export_bundle
+
+    status = err_console.status("exporting", spinner="dots") if err_console.is_terminal else None
+    if status:
+        status.start()
+    try:
+        manifest = export_bundle(checkpoint, output, scan=scan, precision=precision, calib=calib,
+                                 calib_key=calib_key, calib_method=calib_method, force=force,
+                                 on_step=(lambda s: status.update(s)) if status else None)
+    except ParityFailedError as e:
+        if status:
+            status.stop()
+        console.print(_parity_table(e.report, "parity at export (bundle NOT written)"))
+        fail(str(e))
+    except (ExportError, CheckpointError) as e:
+        if status:
+            status.stop()
+        fail(str(e))
+    if status:
+        status.stop()
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+    else:
+        console.print(_parity_table(manifest["parity"], f"parity at export on {manifest['parity']['data']}"))
+        forced = " [yellow](parity failed; written because of --force)[/yellow]" if manifest["parity"][
+            "forced"] else ""
+        console.print(f"wrote {output} ({manifest['model']['name']}, {precision}, scan {scan}, "
+                      f"{manifest['scan_calls']} scan calls, {manifest['export_seconds']:.1f} s){forced}")
+    if engine:
+        from hsiedge.runtimes.tensorrt import why_not_here
+
+        reason = why_not_here()
+        fail(f"no TensorRT engine built: {reason}; the ONNX bundle was written" if reason else
+             "no TensorRT engine built: engine building is not implemented in this version of hsiedge; "
+             "the ONNX bundle was written")
+
+
+@app.command("parity-check")
+def parity_check(
+    bundle_path: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle directory (`hsiedge export`)."),
+    scene: Path | None = typer.Option(None, "--scene", help="Scene to check on (default: the bundle's "
+                                      "held-out data)."),
+    key: str | None = typer.Option(None, "--key", help="Array of a .mat scene."),
+    labels: Path | None = typer.Option(None, "--labels", help="Ground truth of --scene (OA, AA, kappa)."),
+    labels_key: str | None = typer.Option(None, "--labels-key", help="Array of a .mat label file."),
+    runtime: list[str] = typer.Option(None, "--runtime", help="Runtime(s) to check against the original: "
+                                      "onnxruntime, tensorrt (default: onnxruntime, and tensorrt when "
+                                      "the bundle has an engine and TensorRT is here)."),
+    report: Path | None = typer.Option(None, "--report", help="Write the full figures as JSON here."),
+    save_polygraphy: Path | None = typer.Option(None, "--save-polygraphy", help="Folder for the inputs "
+                                                "and every runtime's outputs in Polygraphy's JSON formats."),
+    min_agreement: float | None = typer.Option(None, help="Override: minimum label agreement (0-1)."),
+    max_rel_l2: float | None = typer.Option(None, help="Override: maximum relative L2 logit error."),
+    max_delta_oa: float | None = typer.Option(None, help="Override: maximum |ΔOA| (fraction, 0.001 = "
+                                              "0.1 point)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Prove a bundle computes what the PyTorch original computes, on a real scene."""
+    import numpy as np
+
+    from hsiedge.bundle import BundleError, open_bundle
+    from hsiedge.io import SceneReadError, open_scene, read_labels
+    from hsiedge.parity import check_bundle, parity_data
+    from hsiedge.runtimes import RuntimeUnavailableError, runtime_names, why_unavailable
+
+    try:
+        bundle = open_bundle(bundle_path)
+    except BundleError as e:
+        fail(str(e))
+    names = runtime or [r for r in ("onnxruntime", "tensorrt") if why_unavailable(bundle, r) is None]
+    for r in names:
+        if r not in runtime_names() or r == "torch":
+            fail(f"--runtime must be one of: onnxruntime, tensorrt (torch is the original), got {r!r}")
+        reason = why_unavailable(bundle, r)
+        if reason:
+            fail(f"runtime {r} cannot run here: {reason}")
+    thresholds = dict(bundle.manifest["parity"]["thresholds"] if bundle.manifest.get("parity") else {})
+    for name, value in (("min_agreement", min_agreement), ("max_rel_l2", max_rel_l2),
+                        ("max_abs_delta_oa", max_delta_oa)):
+        if value is not None:
+            thresholds[name] = value
+    held = bundle.manifest["heldout"]
+    pixels = label_ids = None
+    if scene is None:
+        scene, key = Path(held["scene"]), held["key"]
+        if not scene.is_file():
+            fail(f"the bundle's held-out scene {scene} is not here; pass --scene")
+        with np.load(bundle.artifact("heldout")) as h:
+            pixels = h["pixels"] if h["pixels"].size else None
+            label_ids = h.get("labels")
+        source = held["description"]
+    else:
+        source = f"{scene.name}: every valid pixel"
+    try:
+        with open_scene(scene, key=key) as s:
+            cube, nodata = s.read(), s.nodata
+        if labels is not None:
+            label_ids = read_labels(labels, key=labels_key, shape=cube.shape[:2]).labels
+    except SceneReadError as e:
+        fail(str(e))
+    chain = bundle.preprocessing
+    if cube.shape[2] != chain.in_bands:
+        fail(f"{scene}: the bundle expects {chain.in_bands} bands, the scene has {cube.shape[2]}")
+    data = parity_data(chain, cube, bundle.input_kind, bundle.patch_size, nodata=nodata, pixels=pixels,
+                       labels=label_ids, source=source)
+    try:
+        result = check_bundle(bundle, data, names, thresholds, save_dir=save_polygraphy)
+    except RuntimeUnavailableError as e:
+        fail(str(e))
+    result["bundle"] = str(bundle_path)
+    if report is not None:
+        report.write_text(json.dumps(result, indent=2) + "\n")
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        console.print(_parity_table(result, f"parity: {bundle_path.name} on {source}"))
+    if not result["passed"]:
+        fail(f"parity failed: {_failure_line(result)}")
 
 
 if __name__ == "__main__":

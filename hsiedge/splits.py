@@ -23,6 +23,7 @@ class Split:
     test: np.ndarray
     protocol: str
     seed: int
+    test_labels: np.ndarray | None = None  # label ids (1-based) of the test pixels, for held-out scoring
 
 
 def parse_protocol(protocol: str) -> tuple[str, float]:
@@ -64,4 +65,4 @@ def make_split(labels: np.ndarray, protocol: str = "per-class:30", seed: int = 0
             part.append(chunk)
     train, val, test = (np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64)
                         for p in parts)
-    return Split(train, val, test, protocol, seed)
+    return Split(train, val, test, protocol, seed, flat[test].astype(np.int64))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,3 +32,35 @@ def pixel_patches(image: torch.Tensor, patch_size: int) -> torch.Tensor:
     rows = torch.arange(h).repeat_interleave(w)
     cols = torch.arange(w).repeat(h)
     return gather_patches(padded, rows, cols, patch_size)
+
+
+class PixelInputs:
+    """Model inputs for flat pixel indices (row * W + col) of one preprocessed image (C, H, W).
+
+    kind "patch": each pixel's p x p neighbourhood, edges reflect-padded as in training;
+    "pixel": each pixel's spectrum.  (Image models take whole tiles: see `pad_to_multiple`.)
+    """
+
+    def __init__(self, image: torch.Tensor, kind: str, patch_size: int = 0) -> None:
+        if kind not in ("patch", "pixel"):
+            raise ValueError(f"per-pixel inputs are for patch or pixel models, not {kind!r}")
+        self.image, self.kind, self.patch = image, kind, patch_size
+        r = patch_size // 2
+        self.padded = F.pad(image[None], (r, r, r, r), mode="reflect")[0] if kind == "patch" and r else image
+
+    def __call__(self, idx: np.ndarray) -> torch.Tensor:
+        w = self.image.shape[2]
+        rows, cols = torch.from_numpy(idx // w), torch.from_numpy(idx % w)
+        if self.kind == "pixel":
+            return self.image[:, rows, cols].T.contiguous()
+        return gather_patches(self.padded, rows, cols, self.patch)
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(C, H, W) -> (C, H', W') with H', W' the next multiples, reflect-padded at the bottom/right."""
+    _, h, w = image.shape
+    ph, pw = -h % multiple, -w % multiple
+    if not (ph or pw):
+        return image
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(image[None], (0, pw, 0, ph), mode=mode)[0]

@@ -34,7 +34,7 @@ from hsiedge.metrics import accuracy_report
 from hsiedge.models import MODELS, build_model
 from hsiedge.preprocess import PCA, Chain, PercentileStretch, Standardize, Transform
 from hsiedge.splits import Split, make_split
-from hsiedge.tiling import gather_patches
+from hsiedge.tiling import PixelInputs
 
 
 @dataclass(frozen=True)
@@ -70,16 +70,8 @@ class ScenePredictor:
     def __init__(self, model: nn.Module, image: torch.Tensor, batch: int = 256) -> None:
         self.model, self.image, self.batch = model, image, batch  # image: (C, H, W)
         self.kind = getattr(model, "input_kind", "patch")
-        self.patch = getattr(model, "patch_size", 0)
-        r = self.patch // 2
-        self.padded = F.pad(image[None], (r, r, r, r), mode="reflect")[0] if r else image
-
-    def inputs(self, idx: np.ndarray) -> torch.Tensor:
-        w = self.image.shape[2]
-        rows, cols = torch.from_numpy(idx // w), torch.from_numpy(idx % w)
-        if self.kind == "pixel":
-            return self.image[:, rows, cols].T.contiguous()
-        return gather_patches(self.padded, rows, cols, self.patch)
+        self.inputs = None if self.kind == "image" else PixelInputs(image, self.kind,
+                                                                     getattr(model, "patch_size", 0))
 
     def logits(self, idx: np.ndarray) -> torch.Tensor:
         if self.kind == "image":

@@ -1,0 +1,131 @@
+"""int8: explicit quantization (QuantizeLinear/DequantizeLinear pairs), as TensorRT 10 wants.
+
+onnxruntime's static quantization tool does the work: symmetric int8 (zero point 0),
+per-channel weights, activation ranges calibrated by its entropy or percentile calibrator
+on real inputs.  Only convolutions and matrix products are quantized; the selective scan,
+every tensor it reads and the normalisations stay in float (TensorRT fuses Q/DQ into the
+int8 convolutions and GEMMs and runs the rest at the precision it is given).
+
+Calibration runs the graph, and ONNX Runtime has no SelectiveScan kernel, so the graph is
+calibrated and quantized in its portable form and the plugin nodes are then put back.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+
+from hsiedge.bundle import INPUT_NAME
+from hsiedge.export import portable, scan_node
+
+CALIBRATION_METHODS = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+PERCENTILE = 99.999
+
+
+class _Batches(CalibrationDataReader):
+    """Equal-sized batches of the samples (onnxruntime's histogram collectors stack them)."""
+
+    def __init__(self, samples: np.ndarray, batch: int) -> None:
+        full = max(1, samples.shape[0] // batch) * batch
+        self._samples, self._batch, self._at, self._end = samples, batch, 0, min(full, samples.shape[0])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._at >= self._end:
+            return None
+        x = self._samples[self._at:self._at + self._batch]
+        self._at += self._batch
+        return {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
+
+
+def boundary_layers(model: onnx.ModelProto) -> list[str]:
+    """Names of the first and last quantizable layers: every one reading the graph input with no
+    other quantizable layer in between, and the last one in topological order (the classifier).
+
+    They stay in float (the usual first/last-layer rule): the first sees raw standardised
+    spectra whose outliers set its range, and the last sets the logits directly.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    found, seen, todo = set(), set(), [i.name for i in model.graph.input]
+    while todo:
+        for n in consumers.get(todo.pop(), []):
+            if n.name in seen or n.op_type in ("Shape", "Size"):  # shape arithmetic carries no data
+                continue
+            seen.add(n.name)
+            if n.op_type in QUANTIZED_OPS:
+                found.add(n.name)
+            else:
+                todo.extend(n.output)
+    layers = [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS]
+    return sorted(found | set(layers[-1:]))
+
+
+def _scan_tensors(model: onnx.ModelProto) -> set[str]:
+    return {t for n in scan_node.scan_nodes(model) for t in (*n.input, *n.output) if t}
+
+
+def quantize_int8(model: onnx.ModelProto, samples: np.ndarray, batch: int = 256,
+                  method: str = "percentile", exclude: list[str] | None = None) -> onnx.ModelProto:
+    """A QDQ int8 copy of a float32 plugin-mode graph, calibrated on `samples` of model input
+    (patches, spectra or image tiles, stacked on axis 0), fed `batch` at a time."""
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {sorted(CALIBRATION_METHODS)}, got {method!r}")
+    plugin_nodes = [onnx.NodeProto() for _ in scan_node.scan_nodes(model)]
+    for copy, node in zip(plugin_nodes, scan_node.scan_nodes(model), strict=True):
+        copy.CopyFrom(node)
+    keep_float = sorted(_scan_tensors(model))
+    extra = {
+        "ActivationSymmetric": True, "WeightSymmetric": True,
+        # The scan's inputs must reach it unquantized, even where a quantized MatMul also reads them.
+        "DedicatedQDQPair": True, "TensorQuantOverrides": {},
+        "CalibTensorRangeSymmetric": True,
+    }
+    if method == "percentile":
+        extra["CalibPercentile"] = PERCENTILE
+    with tempfile.TemporaryDirectory(prefix="hsiedge-int8-") as tmp:
+        src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(portable.decompose(model), src)
+        cwd = os.getcwd()
+        os.chdir(tmp)  # the calibrator writes its augmented model into the working directory
+        try:
+            quantize_static(
+                str(src), str(dst), _Batches(samples, batch), quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                op_types_to_quantize=list(QUANTIZED_OPS), calibrate_method=CALIBRATION_METHODS[method],
+                nodes_to_exclude=[*boundary_layers(model), *(exclude or [])], extra_options=extra)
+        finally:
+            os.chdir(cwd)
+        quantized = onnx.load(str(dst))
+    _unquantize(quantized, keep_float)
+    return portable.recompose(quantized, plugin_nodes) if plugin_nodes else quantized
+
+
+def _unquantize(model: onnx.ModelProto, names: list[str]) -> None:
+    """Make every reader of `names` read the float tensor, not a Q/DQ copy of it."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    dq_of: dict[str, str] = {}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear":
+            q = producer.get(n.input[0])
+            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in names:
+                dq_of[n.output[0]] = q.input[0]
+    for n in model.graph.node:
+        if n.op_type in QUANTIZED_OPS or n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, t in enumerate(n.input):
+            if t in dq_of:
+                n.input[i] = dq_of[t]

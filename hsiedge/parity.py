@@ -1,0 +1,245 @@
+"""Parity: does an artifact compute what the PyTorch original computes, on the same inputs?
+
+Both sides get identical preprocessed inputs from a real scene.  Per artifact we report the
+max and mean absolute logit error (Polygraphy's comparator), relative L2, cosine
+similarity, top-1 label agreement and the number of pixels whose label differs; with labels,
+OA / AA / kappa of both and their deltas.  Thresholds depend on the precision and are
+stored in the manifest; any figure outside them fails the check, by name.  Outputs are kept
+as Polygraphy RunResults, so they can be compared later against a TensorRT engine with
+`polygraphy run --load-outputs` on a machine that has one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hsiedge.bundle import INPUT_NAME, OUTPUT_NAME
+from hsiedge.metrics import accuracy_report
+from hsiedge.preprocess import Chain
+from hsiedge.tiling import PixelInputs, pad_to_multiple
+
+# Thresholds per precision (fractions: 0.001 of OA is 0.1 point).
+THRESHOLDS: dict[str, dict[str, float]] = {
+    "fp32": {"min_agreement": 0.9999, "max_rel_l2": 1e-4},
+    "fp16": {"min_agreement": 0.999, "max_abs_delta_oa": 0.001},
+    "int8": {"min_agreement": 0.99, "max_abs_delta_oa": 0.005},
+}
+IMAGE_MULTIPLE = 4  # image models embed at 1/4 resolution: tile sides are multiples of 4
+
+
+@dataclass
+class ParityData:
+    """Preprocessed model inputs covering `pixels` (flat indices) of one scene, and their labels."""
+
+    batches: list[np.ndarray]
+    kind: str
+    shape: tuple[int, int]
+    pixels: np.ndarray
+    labels: np.ndarray | None = None  # 0-based class ids at `pixels`, -1 where unlabelled
+    source: str = ""
+
+
+def parity_data(chain: Chain, cube: np.ndarray, kind: str, patch_size: int = 0, *,
+                nodata: float | None = None, pixels: np.ndarray | None = None,
+                labels: np.ndarray | None = None, batch: int = 256, source: str = "") -> ParityData:
+    """Model inputs for a (rows, cols, bands) cube: every valid pixel unless `pixels` is given.
+
+    `labels`: 0-based class ids aligned with `pixels` (or a full (rows, cols) map, 1-based,
+    0 unlabelled), used for OA / AA / kappa.
+    """
+    h, w = cube.shape[:2]
+    x, valid = chain.apply(cube, nodata)
+    image = torch.from_numpy(x).permute(2, 0, 1).contiguous()
+    if pixels is None:
+        pixels = np.flatnonzero(valid.reshape(-1))
+    if labels is not None and labels.shape == (h, w):
+        labels = labels.reshape(-1)[pixels].astype(np.int64) - 1
+    if kind == "image":
+        batches = [pad_to_multiple(image, IMAGE_MULTIPLE)[None].numpy()]
+    else:
+        inputs = PixelInputs(image, kind, patch_size)
+        batches = [inputs(pixels[i:i + batch]).numpy() for i in range(0, pixels.size, batch)]
+    return ParityData(batches, kind, (h, w), pixels, labels, source)
+
+
+def run_batches(runner: Any, data: ParityData, on_batch: Callable[[int], None] | None = None
+                ) -> list[np.ndarray]:
+    """The runner's outputs for every batch of `data`."""
+    out = []
+    for x in data.batches:
+        out.append(runner.run(x))
+        if on_batch:
+            on_batch(x.shape[0])
+    return out
+
+
+def pixel_logits(outputs: list[np.ndarray], data: ParityData) -> np.ndarray:
+    """(n_pixels, K) logits at `data.pixels`, whatever the model's output layout."""
+    if data.kind == "image":
+        h, w = data.shape
+        full = outputs[0][0, :, :h, :w]
+        return full.reshape(full.shape[0], -1).T[data.pixels]
+    return np.concatenate(outputs)
+
+
+@dataclass
+class Check:
+    figure: str
+    value: float | None
+    limit: float
+    passed: bool
+
+    def describe(self) -> str:
+        cmp = ">=" if self.figure.startswith("min") else "<="
+        return f"{self.figure.removeprefix('min_').removeprefix('max_')} = {_fmt(self.value)} " \
+               f"(needs {cmp} {_fmt(self.limit)})"
+
+
+@dataclass
+class ParityResult:
+    artifact: str
+    runtime: str
+    device: str
+    precision: str
+    figures: dict[str, Any]
+    checks: list[Check] = field(default_factory=list)
+    notes: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"artifact": self.artifact, "runtime": self.runtime, "device": self.device,
+                "precision": self.precision, "passed": self.passed, "notes": self.notes,
+                "figures": self.figures,
+                "checks": [{"figure": c.figure, "value": c.value, "limit": c.limit, "passed": c.passed}
+                           for c in self.checks]}
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.6g}"
+
+
+def polygraphy_stats(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Max / mean / median absolute and relative error from Polygraphy's simple comparator."""
+    from polygraphy.comparator.compare import SimpleCompareFunc
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.logger import G_LOGGER
+
+    compare = SimpleCompareFunc(atol=np.inf, rtol=np.inf, check_shapes=True)
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # our own table reports the figures
+        res = compare(IterationResult({OUTPUT_NAME: reference}, runner_name="original"),
+                      IterationResult({OUTPUT_NAME: candidate}, runner_name="artifact"))[OUTPUT_NAME]
+    return {"max_abs_error": res.max_absdiff, "mean_abs_error": res.mean_absdiff,
+            "median_abs_error": res.median_absdiff, "max_rel_error": res.max_reldiff}
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
+            thresholds: dict[str, float]) -> tuple[dict[str, Any], list[Check]]:
+    """Figures and threshold checks for two (n_pixels, K) logit arrays."""
+    ref64, cand64 = reference.astype(np.float64), candidate.astype(np.float64)
+    diff = cand64 - ref64
+    ref_norm = np.linalg.norm(ref64)
+    pred_ref, pred_cand = reference.argmax(1), candidate.argmax(1)
+    per_pixel_cos = (ref64 * cand64).sum(1) / np.maximum(
+        np.linalg.norm(ref64, axis=1) * np.linalg.norm(cand64, axis=1), 1e-30)
+    figures: dict[str, Any] = {
+        "pixels": int(reference.shape[0]),
+        **polygraphy_stats(reference, candidate),
+        "rel_l2": float(np.linalg.norm(diff) / ref_norm) if ref_norm else float(np.linalg.norm(diff)),
+        "cosine": float((ref64 * cand64).sum() / max(ref_norm * np.linalg.norm(cand64), 1e-30)),
+        "min_pixel_cosine": float(per_pixel_cos.min()) if per_pixel_cos.size else 1.0,
+        "agreement": float((pred_ref == pred_cand).mean()),
+        "labels_differ": int((pred_ref != pred_cand).sum()),
+    }
+    if labels is not None and (labels >= 0).any():
+        k = reference.shape[1]
+        known = labels >= 0
+        a = accuracy_report(labels[known], pred_ref[known], k)
+        b = accuracy_report(labels[known], pred_cand[known], k)
+        figures.update({"labelled_pixels": int(known.sum()),
+                        "oa_original": a["oa"], "oa_artifact": b["oa"], "delta_oa": b["oa"] - a["oa"],
+                        "aa_original": a["aa"], "aa_artifact": b["aa"], "delta_aa": b["aa"] - a["aa"],
+                        "kappa_original": a["kappa"], "kappa_artifact": b["kappa"],
+                        "delta_kappa": b["kappa"] - a["kappa"]})
+    checks = []
+    for name, limit in thresholds.items():
+        if name == "min_agreement":
+            checks.append(Check(name, figures["agreement"], limit, figures["agreement"] >= limit))
+        elif name == "max_rel_l2":
+            checks.append(Check(name, figures["rel_l2"], limit, figures["rel_l2"] <= limit))
+        elif name == "max_abs_delta_oa":
+            d = figures.get("delta_oa")
+            # Without labels the OA cannot be measured: recorded as not measured, not as passed.
+            checks.append(Check(name, None if d is None else abs(d), limit, d is None or abs(d) <= limit))
+        else:
+            raise ValueError(f"unknown parity threshold {name!r}")
+    return figures, checks
+
+
+def save_polygraphy(path: str | Path, data: ParityData, outputs: dict[str, list[np.ndarray]]) -> None:
+    """Inputs and every runner's outputs in Polygraphy's formats (`--load-inputs`, `--load-outputs`)."""
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.json import save_json
+    from polygraphy.logger import G_LOGGER
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        save_json([{INPUT_NAME: x} for x in data.batches], str(path / "inputs.json"))
+        results = RunResults()
+        for name, outs in outputs.items():
+            results.append((name, [IterationResult({OUTPUT_NAME: y}, runner_name=name) for y in outs]))
+        results.save(str(path / "outputs.json"))
+
+
+def check_bundle(bundle: Any, data: ParityData, runtimes: list[str], thresholds: dict[str, float],
+                 save_dir: str | Path | None = None,
+                 on_batch: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+    """Run the original (torch runtime on the bundle's checkpoint) and each runtime on `data`.
+
+    Returns the report as plain data: per runtime its figures, checks and failures, and
+    `passed` over all of them.  `save_dir`: inputs and outputs in Polygraphy's formats.
+    """
+    import time
+
+    from hsiedge.runtimes import open_runner
+
+    def timed(name: str) -> tuple[list[np.ndarray], float, Any]:
+        with open_runner(bundle, name) as runner:
+            t0 = time.perf_counter()
+            outs = run_batches(runner, data, None if on_batch is None else lambda n: on_batch(name, n))
+            info = {"device": runner.device, "precision": runner.precision, "artifact": runner.artifact,
+                    "notes": runner.notes}
+            return outs, time.perf_counter() - t0, info
+
+    ref_outs, ref_seconds, ref_info = timed("torch")
+    reference = pixel_logits(ref_outs, data)
+    outputs = {"original": ref_outs}
+    results = []
+    for name in runtimes:
+        outs, seconds, info = timed(name)
+        figures, checks = compare(reference, pixel_logits(outs, data), data.labels, thresholds)
+        figures["seconds"] = round(seconds, 3)
+        result = ParityResult(info["artifact"], name, info["device"], info["precision"], figures, checks,
+                              info["notes"])
+        results.append({**result.to_dict(), "failures": [c.describe() for c in result.failures()]})
+        outputs[name] = outs
+    if save_dir is not None:
+        save_polygraphy(save_dir, data, outputs)
+    return {"data": data.source, "pixels": int(data.pixels.size), "thresholds": thresholds,
+            "original": {"runtime": "torch", **ref_info, "seconds": round(ref_seconds, 3)},
+            "results": results, "passed": all(r["passed"] for r in results)}

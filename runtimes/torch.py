@@ -1,0 +1,56 @@
+"""The `torch` runtime: the original PyTorch model, rebuilt from the bundle's checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hsiedge.bundle import Bundle
+from hsiedge.checkpoint import load_checkpoint
+from hsiedge.runtimes.base import Runner, RuntimeSpec, RuntimeUnavailableError, register_runtime
+
+
+class TorchRunner(Runner):
+    name = "torch"
+
+    def __init__(self, bundle: Bundle, device: str | None = None) -> None:
+        super().__init__(bundle)
+        self._device = torch.device(device or "cpu")
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeUnavailableError("torch runtime on cuda asked for, but PyTorch sees no CUDA GPU")
+        self.model = load_checkpoint(bundle.artifact("checkpoint")).build().to(self._device)
+        self._image = bundle.input_kind == "image"
+
+    @property
+    def device(self) -> str:
+        if self._device.type == "cuda":
+            return f"{self._device} ({torch.cuda.get_device_name(self._device)})"
+        return "cpu"
+
+    @property
+    def precision(self) -> str:
+        return "fp32"
+
+    @property
+    def artifact(self) -> str:
+        return "checkpoint"
+
+    @property
+    def notes(self) -> str:
+        return "the PyTorch original"
+
+    @torch.inference_mode()
+    def run(self, x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self._device)
+        y = self.model.full_resolution_logits(t) if self._image else self.model(t)
+        return y.float().cpu().numpy()
+
+    def close(self) -> None:
+        self.model = None
+
+
+def _available(bundle: Bundle) -> str | None:
+    return None if bundle.has("checkpoint") else f"{bundle.path}: the bundle carries no checkpoint"
+
+
+register_runtime(RuntimeSpec("torch", TorchRunner, _available, speed_rank=2))
