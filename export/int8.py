@@ -12,6 +12,9 @@ calibrated and quantized in its portable form and the plugin nodes are then put 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -91,8 +94,10 @@ def quantize_int8(model: onnx.ModelProto, samples: np.ndarray, batch: int = 256,
     extra = {
         "ActivationSymmetric": True, "WeightSymmetric": True,
         # The scan's inputs must reach it unquantized, even where a quantized MatMul also reads them.
-        "DedicatedQDQPair": True, "TensorQuantOverrides": {},
+        "DedicatedQDQPair": True,
         "CalibTensorRangeSymmetric": True,
+        # Biases stay float: TensorRT folds them into its int8 kernels and takes no int32 bias Q/DQ.
+        "QuantizeBias": False,
     }
     if method == "percentile":
         extra["CalibPercentile"] = PERCENTILE
@@ -101,14 +106,19 @@ def quantize_int8(model: onnx.ModelProto, samples: np.ndarray, batch: int = 256,
         onnx.save(portable.decompose(model), src)
         cwd = os.getcwd()
         os.chdir(tmp)  # the calibrator writes its augmented model into the working directory
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # its advice to pre-process (shape inference) does not apply here
         try:
-            quantize_static(
-                str(src), str(dst), _Batches(samples, batch), quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                op_types_to_quantize=list(QUANTIZED_OPS), calibrate_method=CALIBRATION_METHODS[method],
-                nodes_to_exclude=[*boundary_layers(model), *(exclude or [])], extra_options=extra)
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints its calibration progress
+                quantize_static(
+                    str(src), str(dst), _Batches(samples, batch), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    op_types_to_quantize=list(QUANTIZED_OPS), calibrate_method=CALIBRATION_METHODS[method],
+                    nodes_to_exclude=[*boundary_layers(model), *(exclude or [])], extra_options=extra)
         finally:
             os.chdir(cwd)
+            root.setLevel(level)
         quantized = onnx.load(str(dst))
     _unquantize(quantized, keep_float)
     return portable.recompose(quantized, plugin_nodes) if plugin_nodes else quantized

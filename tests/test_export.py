@@ -1,0 +1,257 @@
+"""`hsiedge export` and `hsiedge parity-check` on Jasper Ridge, with checkpoints trained here.
+
+Every model x {plugin, portable} x {fp32, fp16, int8} is exported and must pass its parity
+thresholds against the PyTorch original in ONNX Runtime (CPU).  The graphs are inspected
+for Contract 2 (one SelectiveScan node per scan call, its attributes, no other custom op;
+no custom domain at all in portable graphs), fp16 and int8 structure; tampered and
+failing bundles are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+from typer.testing import CliRunner
+
+from hsiedge.bundle import BundleError, open_bundle
+from hsiedge.cli import app
+from hsiedge.export import scan_node
+from hsiedge.export.bundle_export import ExportError, ParityFailedError, export_bundle
+
+SCAN_CALLS = {"spectralmamba": 1, "md2f-mamba": 3, "mambahsi": 6}
+EPOCHS = {"spectralmamba": 5, "md2f-mamba": 3, "mambahsi": 30}
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(datasets, tmp_path_factory) -> dict[str, Path]:
+    """One checkpoint per model, trained by `hsiedge train` on the whole Jasper Ridge scene."""
+    jasper = datasets / "jasper_ridge"
+    out = tmp_path_factory.mktemp("ckpt")
+    paths = {}
+    for model, epochs in EPOCHS.items():
+        path = out / f"{model}.pt"
+        res = runner.invoke(app, ["train", model, "--scene", str(jasper / "JasperRidge2_R198.mat"),
+                                  "--labels", str(jasper / "_EndJasperRidge2_R198.mat"),
+                                  "--epochs", str(epochs), "-o", str(path)])
+        assert res.exit_code == 0, res.output
+        paths[model] = path
+    return paths
+
+
+def all_nodes(graph: onnx.GraphProto):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(a.g)
+
+
+def check_plugin_graph(model: onnx.ModelProto, calls: int) -> None:
+    nodes = list(scan_node.scan_nodes(model))
+    assert len(nodes) == calls
+    for n in nodes:
+        scan_node.check_node(n)  # exactly Contract 2's eight inputs, one output, three attributes
+    assert {(n.domain, n.op_type) for n in all_nodes(model.graph) if n.domain not in ("", "ai.onnx")} == {
+        (scan_node.DOMAIN, scan_node.OP_TYPE)}
+    assert {o.domain: o.version for o in model.opset_import}[scan_node.DOMAIN] == 1
+
+
+def check_fp16(model: onnx.ModelProto) -> None:
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.value_info}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    assert sum(i.data_type == TensorProto.FLOAT16 for i in model.graph.initializer) > 0
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # io stays float32
+    for n in scan_node.scan_nodes(model):
+        io = scan_node.node_inputs(n)
+        assert types[io["u"]] == TensorProto.FLOAT16
+        for role in scan_node.FLOAT32_INPUTS:
+            if io[role]:
+                assert types[io[role]] == TensorProto.FLOAT, role
+    for n in model.graph.node:  # normalisations stay float32
+        if n.op_type in ("LayerNormalization", "InstanceNormalization"):
+            assert types.get(n.input[1], TensorProto.FLOAT) == TensorProto.FLOAT
+
+
+def check_int8(model: onnx.ModelProto) -> None:
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert q and dq
+    for n in q + dq:  # symmetric int8: zero point 0
+        zp = inits[n.input[2]]
+        assert zp.dtype == np.int8 and not zp.any()
+    assert any(inits[n.input[1]].size > 1 for n in dq if n.input[0] in inits)  # per-channel weights
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for n in scan_node.scan_nodes(model):  # the scan reads float tensors
+        for t in n.input:
+            assert not t or producer.get(t) is None or producer[t].op_type != "DequantizeLinear"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("scan", ["plugin", "portable"])
+@pytest.mark.parametrize("model", list(SCAN_CALLS))
+def test_export_passes_parity(checkpoints, tmp_path, model, scan, precision):
+    manifest = export_bundle(checkpoints[model], tmp_path / "b", scan=scan, precision=precision)
+    parity = manifest["parity"]
+    assert parity["passed"] and not parity["forced"], parity["results"][0]["failures"]
+    (result,) = parity["results"]
+    assert result["runtime"] == "onnxruntime" and result["device"] == "cpu"
+    assert result["figures"]["pixels"] > 9000  # the test split of Jasper Ridge, not a handful
+    assert "delta_oa" in result["figures"]  # labels were there, so OA was compared
+    bundle = open_bundle(tmp_path / "b")
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # nothing half-written beside it
+    graph = onnx.load(str(bundle.artifact("onnx")))
+    onnx.checker.check_model(graph, full_check=True)
+    if scan == "plugin":
+        check_plugin_graph(graph, SCAN_CALLS[model])
+        assert manifest["plugin"] == {"name": "SelectiveScan", "version": "1", "namespace": "hsiedge"}
+    else:
+        assert all(n.domain in ("", "ai.onnx") for n in all_nodes(graph.graph))
+        assert all(o.domain in ("", "ai.onnx") for o in graph.opset_import)
+        assert manifest["plugin"] is None
+    if precision == "fp16":
+        check_fp16(graph)
+    if precision == "int8":
+        check_int8(graph)
+        assert manifest["calibration"]["method"] == "percentile"
+    assert manifest["precision"] == precision and manifest["scan"] == scan
+    assert manifest["scan_calls"] == SCAN_CALLS[model]
+    thresholds = parity["thresholds"]
+    assert thresholds["min_agreement"] == {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}[precision]
+
+
+@pytest.fixture(scope="module")
+def bundle(checkpoints, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bundle") / "sm"
+    export_bundle(checkpoints["spectralmamba"], path)
+    return path
+
+
+def test_manifest_states_what_a_runtime_needs(bundle, checkpoints):
+    m = open_bundle(bundle).manifest
+    assert m["schema"] == "hsiedge-bundle/1" and m["model"]["name"] == "spectralmamba"
+    assert m["input"]["bands"] == 198 and m["input"]["patch_size"] == 7 and m["input"]["layout"] == "NCHW"
+    assert [c["name"] for c in m["classes"]] == ["Tree", "Water", "Soil", "Road"] or len(m["classes"]) == 4
+    assert all(len(c["colour"]) == 3 for c in m["classes"])
+    assert m["preprocessing"]["transforms"][0]["kind"] == "standardize"
+    assert set(m["artifacts"]) == {"checkpoint", "onnx", "heldout"}
+    assert m["exporters"]["torch"] and m["exporters"]["onnxruntime"]
+    assert m["opset"] == {"ai.onnx": 18, "hsiedge": 1}
+
+
+def test_parity_check_cli_and_polygraphy_files(bundle, tmp_path):
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    report = tmp_path / "r.json"
+    res = runner.invoke(app, ["parity-check", str(bundle), "--report", str(report),
+                              "--save-polygraphy", str(tmp_path / "pg")])
+    assert res.exit_code == 0, res.output
+    assert "onnxruntime" in res.output and "pass" in res.output
+    r = json.loads(report.read_text())
+    assert r["passed"] and r["results"][0]["figures"]["agreement"] >= 0.9999
+    outputs = RunResults.load(str(tmp_path / "pg" / "outputs.json"))
+    names = [name for name, _ in outputs.items()]
+    assert names == ["original", "onnxruntime"]
+    inputs = load_json(str(tmp_path / "pg" / "inputs.json"))
+    assert len(inputs) == len(outputs["original"]) and inputs[0]["x"].shape[1:] == (198, 7, 7)
+
+
+def test_parity_check_on_another_scene_with_labels(bundle, datasets, tmp_path):
+    jasper = datasets / "jasper_ridge"
+    res = runner.invoke(app, ["parity-check", str(bundle), "--scene", str(jasper / "JasperRidge2_R198.mat"),
+                              "--labels", str(jasper / "_EndJasperRidge2_R198.mat"), "--json"])
+    assert res.exit_code == 0, res.output
+    figures = json.loads(res.output)["results"][0]["figures"]
+    assert figures["pixels"] == 10000 and figures["labelled_pixels"] == 10000
+
+
+def test_failing_parity_exits_non_zero_naming_the_figure(bundle):
+    res = runner.invoke(app, ["parity-check", str(bundle), "--max-rel-l2", "1e-12"])
+    assert res.exit_code == 1
+    assert "parity failed" in res.output and "rel_l2" in res.output
+
+
+def test_export_refuses_a_failing_bundle_unless_forced(checkpoints, tmp_path):
+    with pytest.raises(ParityFailedError, match="rel_l2"):
+        export_bundle(checkpoints["spectralmamba"], tmp_path / "b", thresholds={"max_rel_l2": 1e-12})
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary folder
+    m = export_bundle(checkpoints["spectralmamba"], tmp_path / "b", thresholds={"max_rel_l2": 1e-12},
+                      force=True)
+    assert m["parity"]["forced"] and not m["parity"]["passed"]
+    assert open_bundle(tmp_path / "b").manifest["parity"]["forced"]
+
+
+def test_tampered_artifact_is_refused(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    onnx_file = copy / "model.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one byte
+    onnx_file.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        open_bundle(copy)
+    res = runner.invoke(app, ["parity-check", str(copy)])
+    assert res.exit_code == 1 and "sha256" in res.output
+
+
+def test_wrong_schema_is_refused(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["schema"] = "hsiedge-bundle/0"
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="schema"):
+        open_bundle(copy)
+
+
+def test_export_cli_engine_without_tensorrt(checkpoints, tmp_path):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here; this checks the message where it is not")
+    except ImportError:
+        pass
+    out = tmp_path / "b"
+    res = runner.invoke(app, ["export", str(checkpoints["spectralmamba"]), "-o", str(out), "--engine"])
+    assert res.exit_code == 1 and "TensorRT is not installed" in res.output
+    assert open_bundle(out).precision == "fp32"  # the ONNX bundle was still written
+
+
+def test_export_without_held_out_data_says_so(checkpoints, tmp_path):
+    from hsiedge.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(checkpoints["spectralmamba"])
+    ckpt.train_info.pop("scene")
+    save_checkpoint(tmp_path / "c.pt", ckpt)
+    with pytest.raises(ExportError, match="--calib"):
+        export_bundle(tmp_path / "c.pt", tmp_path / "b")
+    res = runner.invoke(app, ["export", str(tmp_path / "c.pt"), "-o", str(tmp_path / "b")])
+    assert res.exit_code == 1 and "--calib" in res.output
+
+
+def test_export_bad_options(checkpoints, tmp_path):
+    res = runner.invoke(app, ["export", str(checkpoints["spectralmamba"]), "-o", str(tmp_path / "b"),
+                              "--precision", "int4"])
+    assert res.exit_code == 1 and "--precision" in res.output
+    res = runner.invoke(app, ["export", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "b")])
+    assert res.exit_code == 1 and "not found" in res.output
+
+
+@pytest.mark.skipif("not __import__('importlib').util.find_spec('tensorrt')",
+                    reason="TensorRT is not installed here (its libraries are not on the package index)")
+def test_tensorrt_runner_needs_an_engine(bundle):
+    from hsiedge.runtimes import why_unavailable
+
+    assert "no TensorRT engine" in why_unavailable(open_bundle(bundle), "tensorrt")
