@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hsiedge.atomic import publish_dir
 from hsiedge.preprocess import Chain
 
 SCHEMA = "hsiedge-bundle/1"
@@ -156,6 +157,7 @@ class BundleWriter:
 
     def commit(self) -> Path:
         """Move the finished bundle to `dest`, replacing an older bundle there only now."""
+        publish_dir(self.tmp)
         if self.dest.exists():
             if not (self.dest / MANIFEST).is_file():
                 raise BundleError(f"{self.dest}: exists and is not a bundle; refusing to replace it")

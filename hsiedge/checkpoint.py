@@ -8,8 +8,6 @@ bands, classes and width are read off the tensor shapes; other models need their
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 from hsiedge import __version__
+from hsiedge.atomic import atomic_path
 from hsiedge.models import MODELS, build_model
 from hsiedge.preprocess import Chain
 from hsiedge.splits import Split
@@ -69,15 +68,8 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
                {"test_labels": torch.from_numpy(ckpt.split.test_labels)})},
         "metrics": ckpt.metrics, "train_info": ckpt.train_info,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -325,6 +326,71 @@ def parity_check(
         console.print(_parity_table(result, f"parity: {bundle_path.name} on {source}"))
     if not result["passed"]:
         fail(f"parity failed: {_failure_line(result)}")
+
+
+@app.command()
+def infer(
+    scene: Path = typer.Argument(..., help="Scene to classify (any format `hsiedge.io` reads)."),
+    bundle_path: Path = typer.Option(..., "--bundle", help="Bundle directory (`hsiedge export`)."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Class map GeoTIFF "
+                                       "(default: SCENE.classes.tif next to the scene)."),
+    runtime: str | None = typer.Option(None, "--runtime", help="torch, onnxruntime or tensorrt "
+                                       "(default: the fastest available for the bundle)."),
+    tile: int | None = typer.Option(None, "--tile", help="Tile side in pixels (patch models: the core "
+                                    "classified per step, default 128; MambaHSI: the tile, default 256)."),
+    overlap: int | None = typer.Option(None, "--overlap", help="MambaHSI: overlap between tiles "
+                                       "(default 64; centres are kept)."),
+    batch: int = typer.Option(256, "--batch", help="Pixels per runner call (patch and pixel models)."),
+    probs: bool = typer.Option(False, "--probs", help="Also write per-class probabilities (uint8, 255 = 1) "
+                               "to MAP.probs.tif."),
+    quicklook: Path | None = typer.Option(None, "--quicklook", help="Also write a PNG of the map with a "
+                                          "legend."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same output."),
+    key: str | None = typer.Option(None, "--key", help="Array of a .mat scene."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Classify a scene of any size, tile by tile, into a georeferenced class map."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from hsiedge.bundle import BundleError, open_bundle
+    from hsiedge.infer import InferError, infer_scene
+
+    try:
+        bundle = open_bundle(bundle_path)
+    except BundleError as e:
+        fail(str(e))
+    progress = Progress(TextColumn("classifying"), BarColumn(), TextColumn("{task.fields[tiles]} tiles"),
+                        TextColumn("{task.fields[rate]} px/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=err_console, disable=not err_console.is_terminal, transient=True)
+    with progress:
+        task = progress.add_task("infer", total=None, tiles="0", rate="-")
+        state = {"t0": 0.0, "pixels": 0, "tiles": 0, "of": 0}
+
+        def start(total_pixels: int, done_pixels: int, n_tiles: int) -> None:
+            state.update(t0=time.perf_counter(), of=n_tiles)
+            progress.update(task, total=total_pixels, completed=done_pixels, tiles=f"0/{n_tiles}")
+
+        def tile_done(pixels: int) -> None:
+            state["pixels"] += pixels
+            state["tiles"] += 1
+            rate = state["pixels"] / max(time.perf_counter() - state["t0"], 1e-9)
+            progress.update(task, advance=pixels, tiles=f"{state['tiles']}/{state['of']}",
+                            rate=f"{rate:,.0f}")
+
+        try:
+            summary = infer_scene(scene, bundle, output, key=key, runtime=runtime, tile=tile, overlap=overlap,
+                                  batch=batch, probs=probs, quicklook=quicklook, resume=resume,
+                                  on_start=start, on_tile=tile_done)
+        except InferError as e:
+            fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    console.print(f"wrote {summary['output']}: {summary['pixels']:,} pixels in {summary['seconds']:.1f} s "
+                  f"({summary['pixels_per_second']:,} px/s), runtime {summary['runtime']} on "
+                  f"{summary['device']}, {summary['precision']}"
+                  + (f", {summary['tiles_resumed']} of {summary['tiles']} tiles resumed"
+                     if summary["tiles_resumed"] else ""))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from hsiedge.io.scene import Window
 
 
 def gather_patches(padded: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
@@ -64,3 +68,50 @@ def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
         return image
     mode = "reflect" if ph < h and pw < w else "replicate"
     return F.pad(image[None], (0, pw, 0, ph), mode=mode)[0]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One step of a streamed scene: the output pixels it decides (`core`) and what it reads."""
+
+    index: int
+    core: Window
+    read: Window
+
+    def margins(self) -> tuple[int, int, int, int]:
+        """Pixels read beyond the core: top, bottom, left, right."""
+        c, r = self.core, self.read
+        return (c.row - r.row, r.row + r.height - c.row - c.height,
+                c.col - r.col, r.col + r.width - c.col - c.width)
+
+
+def plan_tiles(height: int, width: int, core: int, margin: int) -> list[Tile]:
+    """Cores of `core` x `core` pixels in raster order; each reads `margin` more pixels on every
+    side, clipped to the scene (a patch model's halo, or an image model's overlap / 2)."""
+    if core < 1:
+        raise ValueError(f"tile core must be at least 1 pixel, got {core}")
+    tiles = []
+    for row in range(0, height, core):
+        for col in range(0, width, core):
+            c = Window(row, col, min(core, height - row), min(core, width - col))
+            r0, c0 = max(0, row - margin), max(0, col - margin)
+            r1, c1 = min(height, row + c.height + margin), min(width, col + c.width + margin)
+            tiles.append(Tile(len(tiles), c, Window(r0, c0, r1 - r0, c1 - c0)))
+    return tiles
+
+
+def tile_patches(image: torch.Tensor, tile: Tile, patch_size: int) -> torch.Tensor:
+    """Every core pixel's neighbourhood from the tile's preprocessed read window (C, h, w).
+
+    Where the read window was clipped by the scene edge, the missing halo is reflect-padded
+    exactly as `pixel_patches` pads the whole scene, so a tiled run sees the same patches.
+    """
+    r = patch_size // 2
+    top, bottom, left, right = tile.margins()
+    padded = F.pad(image[None], (r - left, r - right, r - top, r - bottom), mode="reflect")[0] if r else image
+    h, w = tile.core.height, tile.core.width
+    rows = torch.arange(h).repeat_interleave(w)
+    cols = torch.arange(w).repeat(h)
+    if patch_size == 0:
+        return image[:, top:top + h, left:left + w].reshape(image.shape[0], -1).T.contiguous()
+    return gather_patches(padded, rows, cols, patch_size)

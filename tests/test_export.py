@@ -255,3 +255,30 @@ def test_tensorrt_runner_needs_an_engine(bundle):
     from hsiedge.runtimes import why_unavailable
 
     assert "no TensorRT engine" in why_unavailable(open_bundle(bundle), "tensorrt")
+
+
+def test_dynamic_batch_and_tile_sides(checkpoints):
+    """Batch is dynamic for every model; MambaHSI also takes any tile whose sides are multiples of 4."""
+    import onnxruntime as ort
+    import torch
+
+    from hsiedge.checkpoint import load_checkpoint
+    from hsiedge.export.onnx_model import torch_to_onnx
+    from hsiedge.export.portable import decompose
+
+    rng = np.random.default_rng(0)
+    for name, shape in (("mambahsi", (1, 198, 48, 64)), ("spectralmamba", (5, 198, 7, 7))):
+        model = load_checkpoint(checkpoints[name]).build()
+        graph = torch_to_onnx(model)
+        dims = graph.graph.input[0].type.tensor_type.shape.dim
+        assert dims[0].dim_param  # batch
+        if name == "mambahsi":
+            assert dims[2].dim_param and dims[3].dim_param
+        sess = ort.InferenceSession(decompose(graph).SerializeToString(), providers=["CPUExecutionProvider"])
+        x = rng.standard_normal(shape).astype(np.float32)
+        (y,) = sess.run(None, {"x": x})
+        with torch.no_grad():
+            t = torch.from_numpy(x)
+            ref = (model.full_resolution_logits(t) if name == "mambahsi" else model(t)).numpy()
+        assert y.shape == ref.shape
+        assert np.linalg.norm(y - ref) <= 1e-4 * np.linalg.norm(ref)

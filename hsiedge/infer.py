@@ -1,0 +1,369 @@
+"""`hsiedge infer`: stream a scene of any size tile by tile through a bundle, to a class map.
+
+A pipeline, not a loop: a reader thread reads each tile's window (with the patch halo or
+the image-model overlap), applies the bundle's fitted preprocessing and builds the model
+inputs; the calling thread runs the runner; a writer thread stores finished tiles.  Bounded
+queues between them keep memory to a few tiles whatever the scene size.
+
+Finished tiles go to memory-mapped staging files next to the output plus a journal, flushed
+tile by tile, so a killed run continues with `--resume` and gives the same file as an
+uninterrupted one.  The GeoTIFF is written under a temporary name and renamed when complete.
+
+Patch and pixel models classify every pixel from its own neighbourhood, so tiles give
+exactly the whole-scene result.  MambaHSI's spatial scan runs over the whole tile, so tiles
+overlap and only their centres are kept (`tiling_agreement` measures what tiling changes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hsiedge.bundle import Bundle
+from hsiedge.io import Scene, SceneReadError, open_scene
+from hsiedge.io.writer import class_dtype, write_class_map, write_probabilities
+from hsiedge.tiling import Tile, pad_to_multiple, plan_tiles, tile_patches
+
+IMAGE_MULTIPLE = 4
+# Defaults: patch / pixel models take 128 x 128-pixel cores; MambaHSI takes 256 x 256 tiles
+# overlapping by 64 (32 on each side), see README "Streaming inference" for the measurements.
+DEFAULT_CORE = 128
+DEFAULT_IMAGE_TILE = 256
+DEFAULT_IMAGE_OVERLAP = 64
+QUEUE_DEPTH = 2
+JOURNAL_VERSION = 1
+
+
+class InferError(RuntimeError):
+    """Inference cannot start or finish; one sentence says why."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a bundle's model consumes a scene: tile cores, margins, and how inputs are built."""
+
+    kind: str
+    patch: int
+    core: int
+    margin: int
+
+    @classmethod
+    def for_bundle(cls, bundle: Bundle, tile: int | None = None, overlap: int | None = None) -> Geometry:
+        kind, patch = bundle.input_kind, bundle.patch_size
+        if kind == "image":
+            tile = DEFAULT_IMAGE_TILE if tile is None else tile
+            overlap = DEFAULT_IMAGE_OVERLAP if overlap is None else overlap
+            if tile % IMAGE_MULTIPLE or overlap % (2 * IMAGE_MULTIPLE):
+                raise InferError(f"MambaHSI tiles need sides that are multiples of {IMAGE_MULTIPLE} and an "
+                                 f"overlap that is a multiple of {2 * IMAGE_MULTIPLE}; got --tile {tile}, "
+                                 f"--overlap {overlap}")
+            if overlap >= tile:
+                raise InferError(f"--overlap {overlap} must be smaller than --tile {tile}")
+            return cls(kind, 0, tile - overlap, overlap // 2)
+        if overlap:
+            raise InferError("--overlap is for image models (MambaHSI); patch models need none")
+        core = DEFAULT_CORE if tile is None else tile
+        if core < 1:
+            raise InferError(f"--tile must be at least 1, got {core}")
+        return cls(kind, patch, core, patch // 2)
+
+    def tiles(self, height: int, width: int) -> list[Tile]:
+        return plan_tiles(height, width, self.core, self.margin)
+
+    def inputs(self, image: torch.Tensor, tile: Tile, batch: int) -> list[np.ndarray]:
+        """Model inputs for one tile's preprocessed read window (C, h, w)."""
+        if self.kind == "image":
+            return [pad_to_multiple(image, IMAGE_MULTIPLE)[None].numpy()]
+        x = tile_patches(image, tile, self.patch if self.kind == "patch" else 0)
+        return [x[i:i + batch].numpy() for i in range(0, x.shape[0], batch)]
+
+    def logits(self, outputs: list[np.ndarray], tile: Tile) -> np.ndarray:
+        """(K, core h, core w) logits of the tile's core."""
+        h, w = tile.core.height, tile.core.width
+        if self.kind == "image":
+            top, _, left, _ = tile.margins()
+            return outputs[0][0, :, top:top + h, left:left + w]
+        return np.concatenate(outputs).T.reshape(-1, h, w)
+
+
+def _nm(wl: np.ndarray) -> np.ndarray:
+    """Wavelengths in nanometres (values below 100 are taken as micrometres)."""
+    wl = np.asarray(wl, dtype=np.float64)
+    return wl * 1000.0 if np.nanmax(wl) < 100 else wl
+
+
+def check_scene(bundle: Bundle, scene: Scene, tolerance_nm: float = 1.0) -> None:
+    """The scene's band count (and wavelengths, when both sides know them) against the manifest."""
+    want = bundle.manifest["input"]["scene_bands"]
+    if scene.bands != want:
+        raise InferError(f"{scene.path}: the bundle's {bundle.model_name} model expects {want} bands, "
+                         f"the scene has {scene.bands}")
+    ours = bundle.manifest["input"].get("wavelengths")
+    if ours is not None and scene.wavelengths is not None:
+        diff = np.abs(_nm(scene.wavelengths) - _nm(np.asarray(ours)))
+        if np.nanmax(diff) > tolerance_nm:
+            band = int(np.nanargmax(diff))
+            raise InferError(f"{scene.path}: band {band + 1} is at {_nm(scene.wavelengths)[band]:.1f} nm "
+                             f"but the bundle was trained at {_nm(np.asarray(ours))[band]:.1f} nm "
+                             f"(tolerance {tolerance_nm} nm)")
+
+
+class Staging:
+    """Finished tiles on disk: class ids (and probabilities) as memory maps, plus a journal."""
+
+    def __init__(self, output: Path, header: dict[str, Any], shape: tuple[int, int], num_classes: int,
+                 probs: bool, resume: bool) -> None:
+        self.classes_path = output.with_name(f".{output.name}.classes.npy")
+        self.probs_path = output.with_name(f".{output.name}.probs.npy") if probs else None
+        self.journal_path = output.with_name(f".{output.name}.journal")
+        self.done: set[int] = set()
+        dtype = class_dtype(num_classes)
+        if self.journal_path.exists():
+            if not resume:
+                raise InferError(f"{self.journal_path}: an interrupted run of this output is here; pass "
+                                 "--resume to continue it, or delete the file to start over")
+            lines = self.journal_path.read_text().splitlines()
+            found = json.loads(lines[0]) if lines else None
+            if found != header:
+                diff = sorted(k for k in header if found is None or found.get(k) != header[k])
+                raise InferError(f"{self.journal_path}: written by a different run ({', '.join(diff)} "
+                                 "differ); rerun with the same arguments or delete it")
+            for line in lines[1:]:
+                try:
+                    self.done.add(int(json.loads(line)["tile"]))
+                except (ValueError, KeyError):
+                    break  # a line torn by the crash: that tile runs again
+            mode = "r+"
+        else:
+            mode = "w+"
+        open_map = np.lib.format.open_memmap
+        try:
+            self.classes = open_map(self.classes_path, mode=mode, dtype=dtype, shape=shape)
+            self.probs = None if not probs else open_map(self.probs_path, mode=mode, dtype=np.uint8,
+                                                          shape=(num_classes, *shape))
+        except (OSError, ValueError) as e:
+            raise InferError(f"{self.classes_path}: cannot use the staging file ({e})") from None
+        if mode == "w+":
+            self._journal = open(self.journal_path, "w")  # noqa: SIM115 - kept open for the run
+            self._append(header)
+        else:
+            self._journal = open(self.journal_path, "a")  # noqa: SIM115
+
+    def _append(self, record: dict[str, Any]) -> None:
+        self._journal.write(json.dumps(record) + "\n")
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+
+    def record(self, tile: Tile, classes: np.ndarray, probs: np.ndarray | None) -> None:
+        """Store one tile's results, make them durable, then journal the tile as done."""
+        rows, cols = tile.core.slices()
+        self.classes[rows, cols] = classes
+        self.classes.flush()
+        if self.probs is not None and probs is not None:
+            self.probs[:, rows, cols] = probs
+            self.probs.flush()
+        self._append({"tile": tile.index})
+
+    def close(self) -> None:
+        self._journal.close()
+
+    def remove(self) -> None:
+        self.close()
+        for p in (self.classes_path, self.probs_path, self.journal_path):
+            if p is not None:
+                p.unlink(missing_ok=True)
+
+
+_DONE = object()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+def _softmax_u8(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=0, keepdims=True)
+    e = np.exp(z)
+    return np.rint(255.0 * e / e.sum(axis=0, keepdims=True)).astype(np.uint8)
+
+
+def default_output(scene: Path) -> Path:
+    """`scene.tif` -> `scene.classes.tif`, next to the scene."""
+    return scene.with_name(f"{scene.stem}.classes.tif")
+
+
+def infer_scene(
+    scene_path: str | Path,
+    bundle: Bundle,
+    output: str | Path | None = None,
+    *,
+    key: str | None = None,
+    runtime: str | None = None,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch: int = 256,
+    probs: bool = False,
+    quicklook: str | Path | None = None,
+    resume: bool = False,
+    on_start: Callable[[int, int, int], None] | None = None,
+    on_tile: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Classify a whole scene with `bundle`; return a summary (pixels, seconds, pixels/s, ...)."""
+    from hsiedge.runtimes import RuntimeUnavailableError, open_runner
+
+    scene_path = Path(scene_path)
+    output = Path(output) if output is not None else default_output(scene_path)
+    geometry = Geometry.for_bundle(bundle, tile, overlap)
+    if batch < 1:
+        raise InferError(f"--batch must be at least 1, got {batch}")
+    try:
+        scene = open_scene(scene_path, key=key)
+    except SceneReadError as e:
+        raise InferError(str(e)) from None
+    with scene:
+        check_scene(bundle, scene)
+        chain = bundle.preprocessing
+        num_classes = len(bundle.manifest["classes"])
+        tiles = geometry.tiles(scene.height, scene.width)
+        try:
+            runner = open_runner(bundle, runtime)
+        except RuntimeUnavailableError as e:
+            raise InferError(str(e)) from None
+        header = {"version": JOURNAL_VERSION, "scene": str(scene_path.resolve()),
+                  "scene_bytes": scene_path.stat().st_size, "bundle_onnx": bundle.manifest["artifacts"].get(
+                      "onnx", {}).get("sha256"), "runtime": runner.name, "core": geometry.core,
+                  "margin": geometry.margin, "batch": batch, "probs": probs}
+        staging = Staging(output, header, (scene.height, scene.width), num_classes, probs, resume)
+        ran_on = {"runtime": runner.name, "device": runner.device, "precision": runner.precision}
+        todo = [t for t in tiles if t.index not in staging.done]
+        if on_start:  # (scene pixels, pixels already done by an interrupted run, tiles left)
+            on_start(scene.height * scene.width,
+                     sum(t.core.height * t.core.width for t in tiles if t.index in staging.done), len(todo))
+        t0 = time.perf_counter()
+        try:
+            with runner:
+                _run_pipeline(scene, chain, geometry, runner, todo, batch, staging, probs, on_tile)
+            compute_seconds = time.perf_counter() - t0
+            staging.close()
+            classes = staging.classes
+            table = bundle.manifest["classes"]
+            write_class_map(output, classes, table, scene.crs, scene.transform)
+            probs_path = None
+            if probs:
+                probs_path = output.with_name(f"{output.stem}.probs.tif")
+                write_probabilities(probs_path, staging.probs, [c["name"] for c in table], scene.crs,
+                                    scene.transform)
+            if quicklook is not None:
+                from hsiedge.io.quicklook import write_quicklook
+
+                write_quicklook(quicklook, classes, table,
+                                title=f"{scene_path.name} - {bundle.model_name} ({bundle.precision})")
+        except OSError as e:
+            staging.close()
+            raise InferError(f"writing {output} failed ({e.strerror or e}); finished tiles are kept, "
+                             "rerun with --resume once fixed") from None
+        except SceneReadError as e:
+            staging.close()
+            raise InferError(f"{e}; finished tiles are kept, rerun with --resume once fixed") from None
+        except BaseException:
+            staging.close()
+            raise
+        staging.remove()
+    pixels = scene.height * scene.width
+    seconds = time.perf_counter() - t0
+    done_pixels = sum(t.core.height * t.core.width for t in todo)
+    return {"output": str(output), "probs": None if probs_path is None else str(probs_path),
+            "quicklook": None if quicklook is None else str(quicklook), "pixels": pixels,
+            "scene": str(scene_path),
+            "pixels_this_run": done_pixels, "tiles": len(tiles), "tiles_resumed": len(tiles) - len(todo),
+            "seconds": round(seconds, 3),
+            "pixels_per_second": round(done_pixels / max(compute_seconds, 1e-9)),
+            **ran_on}
+
+
+def _run_pipeline(scene: Scene, chain, geometry: Geometry, runner, tiles: list[Tile], batch: int,
+                  staging: Staging, probs: bool, on_tile: Callable[[int], None] | None) -> None:
+    """Reader thread -> this thread (runner) -> writer thread, with bounded queues."""
+    q_in: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+    q_out: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+    stop = threading.Event()
+    writer_error: list[BaseException] = []
+
+    def put(q: queue.Queue, item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for t in tiles:
+                raw = scene.read(t.read)
+                x, valid = chain.apply(raw, scene.nodata)
+                image = torch.from_numpy(x).permute(2, 0, 1).contiguous()
+                top, _, left, _ = t.margins()
+                core_valid = valid[top:top + t.core.height, left:left + t.core.width]
+                if not put(q_in, (t, geometry.inputs(image, t, batch), core_valid)):
+                    return
+            put(q_in, _DONE)
+        except BaseException as e:
+            put(q_in, _Failure(e))
+
+    def write() -> None:
+        while True:
+            item = q_out.get()
+            if item is _DONE:
+                return
+            if writer_error:
+                continue  # keep draining so the runner never blocks
+            t, classes, p = item
+            try:
+                staging.record(t, classes, p)
+                if on_tile:
+                    on_tile(t.core.height * t.core.width)
+            except BaseException as e:
+                writer_error.append(e)
+                stop.set()
+
+    reader = threading.Thread(target=read, name="hsiedge-read", daemon=True)
+    writer = threading.Thread(target=write, name="hsiedge-write", daemon=True)
+    reader.start()
+    writer.start()
+    try:
+        while True:
+            item = q_in.get()
+            if item is _DONE:
+                break
+            if isinstance(item, _Failure):
+                raise item.error
+            t, inputs, valid = item
+            logits = geometry.logits([runner.run(x) for x in inputs], t)
+            classes = (logits.argmax(axis=0) + 1).astype(staging.classes.dtype)
+            classes[~valid] = 0
+            p = None
+            if probs:
+                p = _softmax_u8(logits)
+                p[:, ~valid] = 0
+            if writer_error or not put(q_out, (t, classes, p)):
+                break
+    finally:
+        q_out.put(_DONE)  # the writer drains everything, so this never blocks for long
+        writer.join()
+        stop.set()
+        reader.join(timeout=5)
+    if writer_error:
+        raise writer_error[0]

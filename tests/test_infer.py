@@ -1,0 +1,158 @@
+"""`hsiedge infer`: streamed tiles give the whole-scene answer, georeferenced, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from typer.testing import CliRunner
+
+from hsiedge.bundle import open_bundle
+from hsiedge.cli import app
+from hsiedge.export.bundle_export import export_bundle
+from hsiedge.parity import parity_data, pixel_logits, run_batches
+from hsiedge.runtimes import open_runner
+
+runner = CliRunner()
+CRS = "EPSG:32610"  # UTM 10N, where Jasper Ridge is
+TRANSFORM = from_origin(560000.0, 4140000.0, 20.0, 20.0)
+
+
+@pytest.fixture(scope="module")
+def sm_bundle(datasets, tmp_path_factory) -> Path:
+    jasper = datasets / "jasper_ridge"
+    out = tmp_path_factory.mktemp("sm")
+    res = runner.invoke(app, ["train", "spectralmamba", "--scene", str(jasper / "JasperRidge2_R198.mat"),
+                              "--labels", str(jasper / "_EndJasperRidge2_R198.mat"), "--epochs", "3",
+                              "-o", str(out / "sm.pt")])
+    assert res.exit_code == 0, res.output
+    export_bundle(out / "sm.pt", out / "bundle")
+    return out / "bundle"
+
+
+def write_geotiff(path: Path, cube: np.ndarray, nodata: float | None = None) -> Path:
+    """A (rows, cols, bands) cube as a georeferenced GeoTIFF, band-interleaved by pixel."""
+    h, w, b = cube.shape
+    with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=b, dtype=cube.dtype.name,
+                       crs=CRS, transform=TRANSFORM, nodata=nodata, interleave="pixel") as dst:
+        dst.write(cube.transpose(2, 0, 1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def scene_tif(jasper_cube, tmp_path_factory) -> Path:
+    return write_geotiff(tmp_path_factory.mktemp("scene") / "jasper.tif", jasper_cube)
+
+
+def whole_scene_classes(bundle_path: Path, cube: np.ndarray, runtime: str) -> np.ndarray:
+    """The same runner over every pixel of the scene at once (no tiles): class ids 1..K."""
+    bundle = open_bundle(bundle_path)
+    data = parity_data(bundle.preprocessing, cube, bundle.input_kind, bundle.patch_size, batch=256)
+    with open_runner(bundle, runtime) as r:
+        logits = pixel_logits(run_batches(r, data), data)
+    return (logits.argmax(1) + 1).reshape(cube.shape[:2])
+
+
+@pytest.mark.parametrize("runtime,tile", [("onnxruntime", 17), ("torch", 64)])
+def test_tiles_equal_the_whole_scene_and_keep_georeferencing(sm_bundle, scene_tif, jasper_cube, tmp_path,
+                                                             runtime, tile):
+    out = tmp_path / "map.tif"
+    res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(sm_bundle), "-o", str(out),
+                              "--runtime", runtime, "--tile", str(tile), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary["pixels"] == 10000 and summary["runtime"] == runtime
+    with rasterio.open(out) as m, rasterio.open(scene_tif) as s:
+        assert m.crs == s.crs and m.transform == s.transform
+        assert m.dtypes == ("uint8",) and m.nodata == 0 and m.count == 1
+        assert m.profile["tiled"] and m.compression is not None
+        assert m.colormap(1)[1][:3] == tuple(open_bundle(sm_bundle).manifest["classes"][0]["colour"])
+        assert m.descriptions[0].startswith("class id")
+        got = m.read(1)
+    np.testing.assert_array_equal(got, whole_scene_classes(sm_bundle, jasper_cube, runtime))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif"]  # no staging files left
+
+
+def test_nodata_pixels_get_class_zero_and_probabilities(sm_bundle, jasper_cube, tmp_path):
+    cube = jasper_cube.astype(np.float32)
+    cube[10:14, 20:30] = np.nan
+    cube[50, :] = -9999.0
+    scene = write_geotiff(tmp_path / "holes.tif", cube, nodata=-9999.0)
+    out = tmp_path / "map.tif"
+    res = runner.invoke(app, ["infer", str(scene), "--bundle", str(sm_bundle), "-o", str(out), "--probs",
+                              "--quicklook", str(tmp_path / "map.png")])
+    assert res.exit_code == 0, res.output
+    with rasterio.open(out) as m:
+        classes = m.read(1)
+    assert (classes[10:14, 20:30] == 0).all() and (classes[50] == 0).all()
+    assert (classes[:10] > 0).all()
+    with rasterio.open(tmp_path / "map.probs.tif") as p:
+        probs = p.read()
+        assert p.count == 4 and p.crs == CRS
+    sums = probs.astype(int).sum(0)
+    assert (sums[classes > 0] >= 253).all() and (sums[classes > 0] <= 257).all()
+    assert (probs.argmax(0)[classes > 0] + 1 == classes[classes > 0]).mean() > 0.99  # ties aside
+    assert (tmp_path / "map.png").stat().st_size > 0
+
+
+def test_band_mismatch_is_refused_before_any_work(sm_bundle, jasper_cube, tmp_path):
+    scene = write_geotiff(tmp_path / "short.tif", jasper_cube[:, :, :197])
+    out = tmp_path / "map.tif"
+    res = runner.invoke(app, ["infer", str(scene), "--bundle", str(sm_bundle), "-o", str(out)])
+    assert res.exit_code == 1 and "expects 198 bands" in res.output and "197" in res.output
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["short.tif"]
+
+
+def test_envi_scene(sm_bundle, jasper_cube, tmp_path):
+    (tmp_path / "cube.raw").write_bytes(np.ascontiguousarray(jasper_cube.transpose(2, 0, 1)).astype("<u2")
+                                        .tobytes())
+    (tmp_path / "cube.hdr").write_text(
+        "ENVI\nsamples = 100\nlines = 100\nbands = 198\nheader offset = 0\nfile type = ENVI Standard\n"
+        "data type = 12\ninterleave = bsq\nbyte order = 0\n"
+        "map info = {UTM, 1, 1, 560000, 4140000, 20, 20, 10, North, WGS-84}\n")
+    out = tmp_path / "map.tif"
+    res = runner.invoke(app, ["infer", str(tmp_path / "cube.raw"), "--bundle", str(sm_bundle),
+                              "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    with rasterio.open(out) as m:
+        assert m.transform.c == 560000 and m.transform.a == 20 and m.read(1).min() >= 1
+
+
+def test_resume_after_kill_gives_an_identical_file(sm_bundle, scene_tif, tmp_path):
+    whole = tmp_path / "whole.tif"
+    args = ["--bundle", str(sm_bundle), "--tile", "8", "--runtime", "torch"]
+    res = runner.invoke(app, ["infer", str(scene_tif), "-o", str(whole), *args])
+    assert res.exit_code == 0, res.output
+
+    out = tmp_path / "map.tif"
+    journal = tmp_path / ".map.tif.journal"
+    cmd = [sys.executable, "-m", "hsiedge.cli", "infer", str(scene_tif), "-o", str(out), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and len(journal.read_text().splitlines()) > 20:  # header + 20 tiles
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not out.exists()  # nothing under the final name
+    done = len(journal.read_text().splitlines()) - 1
+    assert 0 < done < 169
+
+    res = runner.invoke(app, ["infer", str(scene_tif), "-o", str(out), *args])
+    assert res.exit_code == 1 and "--resume" in res.output  # an interrupted run is not silently redone
+    res = runner.invoke(app, ["infer", str(scene_tif), "-o", str(out), *args, "--resume", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["tiles_resumed"] >= done
+    assert out.read_bytes() == whole.read_bytes()
+    assert not journal.exists()
