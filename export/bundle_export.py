@@ -25,18 +25,15 @@ from hsiedge import __version__
 from hsiedge.bundle import INPUT_NAME, OUTPUT_NAME, BundleWriter, class_table
 from hsiedge.checkpoint import Checkpoint, load_checkpoint
 from hsiedge.export import onnx_model, portable, scan_node
+from hsiedge.export.onnx_model import ExportError
 from hsiedge.models import count_parameters
-from hsiedge.parity import IMAGE_MULTIPLE, THRESHOLDS, ParityData, check_bundle, parity_data
-from hsiedge.tiling import PixelInputs, pad_to_multiple
+from hsiedge.parity import THRESHOLDS, ParityData, check_bundle, parity_data
+from hsiedge.tiling import IMAGE_MULTIPLE, PixelInputs, image_batch
 
 SCANS = ("plugin", "portable")
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIB_PIXELS = 2048  # patch/pixel models: calibration samples drawn from the scene
 CALIB_TILE = 256  # image models: tiles of this side when the scene is larger than 2 tiles
-
-
-class ExportError(onnx_model.ExportError):
-    """Export cannot proceed; one sentence says why."""
 
 
 class ParityFailedError(ExportError):
@@ -104,12 +101,12 @@ def calibration_samples(ckpt: Checkpoint, data: HeldOut, kind: str, patch: int, 
     if kind == "image":
         _, h, w = image.shape
         if h <= 2 * CALIB_TILE and w <= 2 * CALIB_TILE:
-            return pad_to_multiple(image, IMAGE_MULTIPLE)[None].numpy(), 1
+            return image_batch(image), 1
         tiles = []
         for _ in range(8):
             r, c = rng.integers(0, max(1, h - CALIB_TILE)), rng.integers(0, max(1, w - CALIB_TILE))
-            tiles.append(pad_to_multiple(image[:, r:r + CALIB_TILE, c:c + CALIB_TILE], IMAGE_MULTIPLE))
-        return torch.stack(tiles).numpy(), 1
+            tiles.append(image_batch(image[:, r:r + CALIB_TILE, c:c + CALIB_TILE]))
+        return np.concatenate(tiles), 1
     candidates = np.flatnonzero(valid.reshape(-1))
     idx = np.sort(rng.choice(candidates, size=min(CALIB_PIXELS, candidates.size), replace=False))
     return PixelInputs(image, kind, patch)(idx).numpy(), 128

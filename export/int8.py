@@ -82,7 +82,7 @@ def _scan_tensors(model: onnx.ModelProto) -> set[str]:
 
 
 def quantize_int8(model: onnx.ModelProto, samples: np.ndarray, batch: int = 256,
-                  method: str = "percentile", exclude: list[str] | None = None) -> onnx.ModelProto:
+                  method: str = "percentile") -> onnx.ModelProto:
     """A QDQ int8 copy of a float32 plugin-mode graph, calibrated on `samples` of model input
     (patches, spectra or image tiles, stacked on axis 0), fed `batch` at a time."""
     if method not in CALIBRATION_METHODS:
@@ -90,7 +90,7 @@ def quantize_int8(model: onnx.ModelProto, samples: np.ndarray, batch: int = 256,
     plugin_nodes = [onnx.NodeProto() for _ in scan_node.scan_nodes(model)]
     for copy, node in zip(plugin_nodes, scan_node.scan_nodes(model), strict=True):
         copy.CopyFrom(node)
-    keep_float = sorted(_scan_tensors(model))
+    keep_float = _scan_tensors(model)
     extra = {
         "ActivationSymmetric": True, "WeightSymmetric": True,
         # The scan's inputs must reach it unquantized, even where a quantized MatMul also reads them.
@@ -115,7 +115,7 @@ def quantize_int8(model: onnx.ModelProto, samples: np.ndarray, batch: int = 256,
                     str(src), str(dst), _Batches(samples, batch), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
                     op_types_to_quantize=list(QUANTIZED_OPS), calibrate_method=CALIBRATION_METHODS[method],
-                    nodes_to_exclude=[*boundary_layers(model), *(exclude or [])], extra_options=extra)
+                    nodes_to_exclude=boundary_layers(model), extra_options=extra)
         finally:
             os.chdir(cwd)
             root.setLevel(level)
@@ -124,7 +124,7 @@ def quantize_int8(model: onnx.ModelProto, samples: np.ndarray, batch: int = 256,
     return portable.recompose(quantized, plugin_nodes) if plugin_nodes else quantized
 
 
-def _unquantize(model: onnx.ModelProto, names: list[str]) -> None:
+def _unquantize(model: onnx.ModelProto, names: set[str]) -> None:
     """Make every reader of `names` read the float tensor, not a Q/DQ copy of it."""
     producer = {o: n for n in model.graph.node for o in n.output}
     dq_of: dict[str, str] = {}

@@ -25,7 +25,7 @@ OPSET = 18
 
 
 class ExportError(RuntimeError):
-    """An export step failed; the message says which and why."""
+    """Export cannot proceed or a step failed; one sentence says which and why."""
 
 
 class _Classifier(nn.Module):

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,9 +32,12 @@ import torch
 from hsiedge.bundle import Bundle
 from hsiedge.io import Scene, SceneReadError, open_scene
 from hsiedge.io.writer import class_dtype, write_class_map, write_probabilities
-from hsiedge.tiling import Tile, pad_to_multiple, plan_tiles, tile_patches
+from hsiedge.tiling import IMAGE_MULTIPLE, Tile, image_batch, plan_tiles, tile_patches
 
-IMAGE_MULTIPLE = 4
+if TYPE_CHECKING:
+    from hsiedge.preprocess import Chain
+    from hsiedge.runtimes.base import Runner
+
 # Defaults: patch / pixel models take 128 x 128-pixel cores; MambaHSI takes 256 x 256 tiles
 # overlapping by 64 (32 on each side), see README "Streaming inference" for the measurements.
 DEFAULT_CORE = 128
@@ -83,7 +86,7 @@ class Geometry:
     def inputs(self, image: torch.Tensor, tile: Tile, batch: int) -> list[np.ndarray]:
         """Model inputs for one tile's preprocessed read window (C, h, w)."""
         if self.kind == "image":
-            return [pad_to_multiple(image, IMAGE_MULTIPLE)[None].numpy()]
+            return [image_batch(image)]
         x = tile_patches(image, tile, self.patch if self.kind == "patch" else 0)
         return [x[i:i + batch].numpy() for i in range(0, x.shape[0], batch)]
 
@@ -244,7 +247,11 @@ def infer_scene(
                   "scene_bytes": scene_path.stat().st_size, "bundle_onnx": bundle.manifest["artifacts"].get(
                       "onnx", {}).get("sha256"), "runtime": runner.name, "core": geometry.core,
                   "margin": geometry.margin, "batch": batch, "probs": probs}
-        staging = Staging(output, header, (scene.height, scene.width), num_classes, probs, resume)
+        try:
+            staging = Staging(output, header, (scene.height, scene.width), num_classes, probs, resume)
+        except BaseException:
+            runner.close()
+            raise
         ran_on = {"runtime": runner.name, "device": runner.device, "precision": runner.precision}
         todo = [t for t in tiles if t.index not in staging.done]
         if on_start:  # (scene pixels, pixels already done by an interrupted run, tiles left)
@@ -292,8 +299,8 @@ def infer_scene(
             **ran_on}
 
 
-def _run_pipeline(scene: Scene, chain, geometry: Geometry, runner, tiles: list[Tile], batch: int,
-                  staging: Staging, probs: bool, on_tile: Callable[[int], None] | None) -> None:
+def _run_pipeline(scene: Scene, chain: Chain, geometry: Geometry, runner: Runner, tiles: list[Tile],
+                  batch: int, staging: Staging, probs: bool, on_tile: Callable[[int], None] | None) -> None:
     """Reader thread -> this thread (runner) -> writer thread, with bounded queues."""
     q_in: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
     q_out: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from hsiedge.bundle import INPUT_NAME, OUTPUT_NAME
+from hsiedge.bundle import INPUT_NAME, OUTPUT_NAME, Bundle
 from hsiedge.metrics import accuracy_report
 from hsiedge.preprocess import Chain
-from hsiedge.tiling import PixelInputs, pad_to_multiple
+from hsiedge.tiling import PixelInputs, image_batch
 
 # Thresholds per precision (fractions: 0.001 of OA is 0.1 point).
 THRESHOLDS: dict[str, dict[str, float]] = {
@@ -30,7 +30,6 @@ THRESHOLDS: dict[str, dict[str, float]] = {
     "fp16": {"min_agreement": 0.999, "max_abs_delta_oa": 0.001},
     "int8": {"min_agreement": 0.99, "max_abs_delta_oa": 0.005},
 }
-IMAGE_MULTIPLE = 4  # image models embed at 1/4 resolution: tile sides are multiples of 4
 
 
 @dataclass
@@ -61,7 +60,7 @@ def parity_data(chain: Chain, cube: np.ndarray, kind: str, patch_size: int = 0, 
     if labels is not None and labels.shape == (h, w):
         labels = labels.reshape(-1)[pixels].astype(np.int64) - 1
     if kind == "image":
-        batches = [pad_to_multiple(image, IMAGE_MULTIPLE)[None].numpy()]
+        batches = [image_batch(image)]
     else:
         inputs = PixelInputs(image, kind, patch_size)
         batches = [inputs(pixels[i:i + batch]).numpy() for i in range(0, pixels.size, batch)]
@@ -206,7 +205,7 @@ def save_polygraphy(path: str | Path, data: ParityData, outputs: dict[str, list[
         results.save(str(path / "outputs.json"))
 
 
-def check_bundle(bundle: Any, data: ParityData, runtimes: list[str], thresholds: dict[str, float],
+def check_bundle(bundle: Bundle, data: ParityData, runtimes: list[str], thresholds: dict[str, float],
                  save_dir: str | Path | None = None,
                  on_batch: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Run the original (torch runtime on the bundle's checkpoint) and each runtime on `data`.

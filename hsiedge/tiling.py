@@ -60,6 +60,15 @@ class PixelInputs:
         return gather_patches(self.padded, rows, cols, self.patch)
 
 
+IMAGE_MULTIPLE = 4  # image models (MambaHSI) embed at 1/4 resolution: tile sides are multiples of 4
+
+
+def image_batch(image: torch.Tensor) -> np.ndarray:
+    """An image model's input for one preprocessed image or tile (C, H, W): (1, C, H', W'),
+    padded to multiples of IMAGE_MULTIPLE."""
+    return pad_to_multiple(image, IMAGE_MULTIPLE)[None].numpy()
+
+
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
     """(C, H, W) -> (C, H', W') with H', W' the next multiples, reflect-padded at the bottom/right."""
     _, h, w = image.shape
