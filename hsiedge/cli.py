@@ -186,6 +186,22 @@ def _parity_table(report: dict, title: str) -> Table:
     return t
 
 
+def _tiling_table(report: dict) -> Table:
+    rows = [("torch (original)", report["original"]["tiling_effect"])]
+    rows += [(r["runtime"], r["tiling_effect"]) for r in report["results"] if "tiling_effect" in r]
+    te = rows[0][1]
+    t = Table(title=f"tiling effect (not parity): {te['tiles']} tile(s) of {te['tile']} px overlapping by "
+                    f"{te['overlap']}, against a whole-scene run of the same runtime")
+    for col in ("runtime", "agree", "differ", "OA whole→tiled", "ΔOA pt"):
+        t.add_column(col, justify="left" if col == "runtime" else "right")
+    for name, e in rows:
+        d = e.get("delta_oa")
+        t.add_row(name, _pct(e["agreement"]), f"{e['labels_differ']}/{e['pixels']}",
+                  "-" if d is None else f"{100 * e['oa_whole']:.2f}→{100 * e['oa_tiled']:.2f}",
+                  "-" if d is None else f"{100 * d:+.2f}")
+    return t
+
+
 def _failure_line(report: dict) -> str:
     return "; ".join(f"{r['runtime']} ({r['precision']}): {', '.join(r['failures'])}"
                      for r in report["results"] if not r["passed"])
@@ -263,9 +279,18 @@ def parity_check(
     max_rel_l2: float | None = typer.Option(None, help="Override: maximum relative L2 logit error."),
     max_delta_oa: float | None = typer.Option(None, help="Override: maximum |ΔOA| (fraction, 0.001 = "
                                               "0.1 point)."),
+    tile: int | None = typer.Option(None, "--tile", help="MambaHSI: tile side whose tiling effect is "
+                                    "reported (default: what `hsiedge infer` picks for this scene)."),
+    overlap: int | None = typer.Option(None, "--overlap", help="MambaHSI: overlap for --tile."),
+    memory: float | None = typer.Option(None, "--memory", help="MambaHSI: memory budget (MiB) for the "
+                                        "default tile, as in `hsiedge infer`."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Prove a bundle computes what the PyTorch original computes, on a real scene."""
+    """Prove a bundle computes what the PyTorch original computes, on a real scene.
+
+    For MambaHSI it also reports the tiling effect: how far `hsiedge infer`'s tiles change the
+    labels against a whole-scene run of the same runtime (not part of the pass/fail verdict).
+    """
     import numpy as np
 
     from hsiedge.bundle import BundleError, open_bundle
@@ -313,8 +338,18 @@ def parity_check(
         fail(f"{scene}: the bundle expects {chain.in_bands} bands, the scene has {cube.shape[2]}")
     data = parity_data(chain, cube, bundle.input_kind, bundle.patch_size, nodata=nodata, pixels=pixels,
                        labels=label_ids, source=source)
+    tiling = None
+    if bundle.input_kind == "image":
+        from hsiedge.infer import DEFAULT_MEMORY_MIB, Geometry, InferError
+
+        try:
+            tiling = Geometry.for_bundle(bundle, tile, overlap, runtime=names[0] if names else "torch",
+                                         memory_mib=DEFAULT_MEMORY_MIB if memory is None else memory,
+                                         scene_shape=cube.shape[:2])
+        except InferError as e:
+            fail(str(e))
     try:
-        result = check_bundle(bundle, data, names, thresholds, save_dir=save_polygraphy)
+        result = check_bundle(bundle, data, names, thresholds, save_dir=save_polygraphy, tiling=tiling)
     except RuntimeUnavailableError as e:
         fail(str(e))
     result["bundle"] = str(bundle_path)
@@ -324,6 +359,8 @@ def parity_check(
         typer.echo(json.dumps(result, indent=2))
     else:
         console.print(_parity_table(result, f"parity: {bundle_path.name} on {source}"))
+        if tiling is not None:
+            console.print(_tiling_table(result))
     if not result["passed"]:
         fail(f"parity failed: {_failure_line(result)}")
 
@@ -337,9 +374,12 @@ def infer(
     runtime: str | None = typer.Option(None, "--runtime", help="torch, onnxruntime or tensorrt "
                                        "(default: the fastest available for the bundle)."),
     tile: int | None = typer.Option(None, "--tile", help="Tile side in pixels (patch models: the core "
-                                    "classified per step, default 128; MambaHSI: the tile, default 256)."),
+                                    "classified per step, default 128; MambaHSI: the tile, default: the "
+                                    "largest that --memory allows, the whole scene when it fits)."),
     overlap: int | None = typer.Option(None, "--overlap", help="MambaHSI: overlap between tiles "
-                                       "(default 64; centres are kept)."),
+                                       "(default: a quarter of the tile; centres are kept)."),
+    memory: float | None = typer.Option(None, "--memory", help="MambaHSI: memory budget in MiB from which "
+                                        "the default tile is chosen (default 800)."),
     batch: int = typer.Option(256, "--batch", help="Pixels per runner call (patch and pixel models)."),
     probs: bool = typer.Option(False, "--probs", help="Also write per-class probabilities (uint8, 255 = 1) "
                                "to MAP.probs.tif."),
@@ -380,7 +420,7 @@ def infer(
         try:
             summary = infer_scene(scene, bundle, output, key=key, runtime=runtime, tile=tile, overlap=overlap,
                                   batch=batch, probs=probs, quicklook=quicklook, resume=resume,
-                                  on_start=start, on_tile=tile_done)
+                                  memory_mib=memory, on_start=start, on_tile=tile_done)
         except InferError as e:
             fail(str(e))
     if as_json:
@@ -388,7 +428,9 @@ def infer(
         return
     console.print(f"wrote {summary['output']}: {summary['pixels']:,} pixels in {summary['seconds']:.1f} s "
                   f"({summary['pixels_per_second']:,} px/s), runtime {summary['runtime']} on "
-                  f"{summary['device']}, {summary['precision']}"
+                  f"{summary['device']}, {summary['precision']}, "
+                  f"{summary['tiles']} tiles of {summary['tile']} px"
+                  + (f" overlapping by {summary['overlap']}" if summary["overlap"] else "")
                   + (f", {summary['tiles_resumed']} of {summary['tiles']} tiles resumed"
                      if summary["tiles_resumed"] else ""))
 

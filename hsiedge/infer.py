@@ -21,7 +21,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,18 +32,24 @@ import torch
 from hsiedge.bundle import Bundle
 from hsiedge.io import Scene, SceneReadError, open_scene
 from hsiedge.io.writer import class_dtype, write_class_map, write_probabilities
-from hsiedge.tiling import IMAGE_MULTIPLE, Tile, image_batch, plan_tiles, tile_patches
+from hsiedge.tiling import IMAGE_MULTIPLE, Tile, image_batch, plan_tiles, tile_patch_batches
 
 if TYPE_CHECKING:
     from hsiedge.preprocess import Chain
     from hsiedge.runtimes.base import Runner
 
-# Defaults: patch / pixel models take 128 x 128-pixel cores; MambaHSI takes 256 x 256 tiles
-# overlapping by 64 (32 on each side), see README "Streaming inference" for the measurements.
+# Patch / pixel models take 128 x 128-pixel cores.  MambaHSI takes the largest tile the memory
+# budget allows (the whole scene when it fits), overlapping by a quarter of its side; see
+# README "Streaming inference" for the agreement and memory measurements behind this.
 DEFAULT_CORE = 128
-DEFAULT_IMAGE_TILE = 256
-DEFAULT_IMAGE_OVERLAP = 64
+DEFAULT_MEMORY_MIB = 800
+MIN_IMAGE_TILE = 64
 QUEUE_DEPTH = 2
+# Peak memory of one MambaHSI forward pass per tile pixel at hidden_dim 128, measured on CPU at
+# tiles of 256 and 512: torch 8.6-9.5 KB; onnxruntime 41-45 KB (its portable scan materialises
+# (dim, L, N) tensors).  Other runtimes keep activations on the GPU: the torch figure is used.
+IMAGE_BYTES_PER_PIXEL = {"torch": 10_000, "onnxruntime": 46_000}
+RESIDENT_MIB = 400  # a process with torch, onnxruntime and rasterio loaded, before any tile (measured)
 JOURNAL_VERSION = 1
 
 
@@ -61,11 +67,17 @@ class Geometry:
     margin: int
 
     @classmethod
-    def for_bundle(cls, bundle: Bundle, tile: int | None = None, overlap: int | None = None) -> Geometry:
+    def for_bundle(cls, bundle: Bundle, tile: int | None = None, overlap: int | None = None, *,
+                   runtime: str = "torch", memory_mib: float = DEFAULT_MEMORY_MIB,
+                   scene_shape: tuple[int, int] = (0, 0)) -> Geometry:
+        """The geometry `infer` uses; an image model without `tile` gets the tile the memory
+        budget allows for `runtime` on a scene of `scene_shape` (rows, cols)."""
         kind, patch = bundle.input_kind, bundle.patch_size
         if kind == "image":
-            tile = DEFAULT_IMAGE_TILE if tile is None else tile
-            overlap = DEFAULT_IMAGE_OVERLAP if overlap is None else overlap
+            if tile is None:
+                tile, chosen_overlap = image_tile_for_budget(bundle, runtime, memory_mib, *scene_shape)
+                overlap = chosen_overlap if overlap is None or chosen_overlap == 0 else overlap
+            overlap = tile // 4 // (2 * IMAGE_MULTIPLE) * (2 * IMAGE_MULTIPLE) if overlap is None else overlap
             if tile % IMAGE_MULTIPLE or overlap % (2 * IMAGE_MULTIPLE):
                 raise InferError(f"MambaHSI tiles need sides that are multiples of {IMAGE_MULTIPLE} and an "
                                  f"overlap that is a multiple of {2 * IMAGE_MULTIPLE}; got --tile {tile}, "
@@ -83,12 +95,16 @@ class Geometry:
     def tiles(self, height: int, width: int) -> list[Tile]:
         return plan_tiles(height, width, self.core, self.margin)
 
-    def inputs(self, image: torch.Tensor, tile: Tile, batch: int) -> list[np.ndarray]:
-        """Model inputs for one tile's preprocessed read window (C, h, w)."""
+    def inputs(self, image: torch.Tensor, tile: Tile, batch: int) -> Iterator[np.ndarray]:
+        """Model inputs for one tile's preprocessed read window (C, h, w), cut when iterated."""
         if self.kind == "image":
-            return [image_batch(image)]
-        x = tile_patches(image, tile, self.patch if self.kind == "patch" else 0)
-        return [x[i:i + batch].numpy() for i in range(0, x.shape[0], batch)]
+            return iter([image_batch(image)])
+        patch = self.patch if self.kind == "patch" else 0
+        return (x.numpy() for x in tile_patch_batches(image, tile, patch, batch))
+
+    def run(self, runner: Runner, image: torch.Tensor, tile: Tile, batch: int) -> np.ndarray:
+        """(K, core h, core w) logits of one tile from its preprocessed read window (C, h, w)."""
+        return self.logits([runner.run(x) for x in self.inputs(image, tile, batch)], tile)
 
     def logits(self, outputs: list[np.ndarray], tile: Tile) -> np.ndarray:
         """(K, core h, core w) logits of the tile's core."""
@@ -97,6 +113,48 @@ class Geometry:
             top, _, left, _ = tile.margins()
             return outputs[0][0, :, top:top + h, left:left + w]
         return np.concatenate(outputs).T.reshape(-1, h, w)
+
+
+def image_tile_for_budget(bundle: Bundle, runtime: str, memory_mib: float, height: int,
+                          width: int) -> tuple[int, int]:
+    """(tile, overlap) for an image model: the whole scene when it fits in `memory_mib`, else
+    the largest multiple of 32 that fits, overlapping by a quarter of its side.  Larger tiles
+    agree better with a whole-scene run.  The estimate depends only on its arguments, so a
+    resumed run picks the same tiles."""
+    artifacts = bundle.manifest["artifacts"].values()
+    resident = RESIDENT_MIB + 3 * sum(a.get("bytes", 0) for a in artifacts) / 2**20
+    hidden = bundle.manifest["model"]["config"].get("hidden_dim", 128)
+    bands = bundle.preprocessing.out_bands
+    # the forward pass, plus the input tiles the queues hold (float32)
+    per_pixel = IMAGE_BYTES_PER_PIXEL.get(runtime, IMAGE_BYTES_PER_PIXEL["torch"]) * hidden / 128
+    per_pixel += (QUEUE_DEPTH + 2) * bands * 4
+    room = (memory_mib - resident) * 2**20 / per_pixel  # tile pixels that fit
+    mult = IMAGE_MULTIPLE
+    whole_h, whole_w = -(-height // mult) * mult, -(-width // mult) * mult
+    if whole_h * whole_w <= room:
+        return max(whole_h, whole_w), 0
+    side = int(np.sqrt(max(room, 0)) // 32 * 32)
+    if side < MIN_IMAGE_TILE:
+        need = resident + MIN_IMAGE_TILE ** 2 * per_pixel / 2**20
+        raise InferError(f"a memory budget of {memory_mib:.0f} MiB leaves no room for a "
+                         f"{MIN_IMAGE_TILE} x {MIN_IMAGE_TILE} tile with the {runtime} runtime "
+                         f"({resident:.0f} MiB already in use); give --memory {need:.0f} or more, or --tile")
+    return side, side // 4 // (2 * mult) * (2 * mult)
+
+
+def tiled_logits(runner: Runner, geometry: Geometry, image: torch.Tensor, batch: int = 256) -> np.ndarray:
+    """(K, H, W) logits of a preprocessed (C, H, W) image in memory, run tile by tile exactly as
+    `infer_scene` runs a scene (used to measure what tiling changes)."""
+    _, h, w = image.shape
+    out = None
+    for t in geometry.tiles(h, w):
+        rows, cols = t.read.slices()
+        logits = geometry.run(runner, image[:, rows, cols], t, batch)
+        if out is None:
+            out = np.empty((logits.shape[0], h, w), dtype=np.float32)
+        rows, cols = t.core.slices()
+        out[:, rows, cols] = logits
+    return out
 
 
 def _nm(wl: np.ndarray) -> np.ndarray:
@@ -219,23 +277,32 @@ def infer_scene(
     probs: bool = False,
     quicklook: str | Path | None = None,
     resume: bool = False,
+    memory_mib: float | None = None,
     on_start: Callable[[int, int, int], None] | None = None,
     on_tile: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Classify a whole scene with `bundle`; return a summary (pixels, seconds, pixels/s, ...)."""
-    from hsiedge.runtimes import RuntimeUnavailableError, open_runner
+    from hsiedge.runtimes import RuntimeUnavailableError, default_runtime, open_runner
 
     scene_path = Path(scene_path)
     output = Path(output) if output is not None else default_output(scene_path)
-    geometry = Geometry.for_bundle(bundle, tile, overlap)
     if batch < 1:
         raise InferError(f"--batch must be at least 1, got {batch}")
+    try:
+        runtime = runtime or default_runtime(bundle)
+    except RuntimeUnavailableError as e:
+        raise InferError(str(e)) from None
+    if bundle.input_kind != "image" or tile is not None:  # bad arguments fail before any reading
+        Geometry.for_bundle(bundle, tile, overlap)
     try:
         scene = open_scene(scene_path, key=key)
     except SceneReadError as e:
         raise InferError(str(e)) from None
     with scene:
         check_scene(bundle, scene)
+        geometry = Geometry.for_bundle(bundle, tile, overlap, runtime=runtime,
+                                       memory_mib=DEFAULT_MEMORY_MIB if memory_mib is None else memory_mib,
+                                       scene_shape=(scene.height, scene.width))
         chain = bundle.preprocessing
         num_classes = len(bundle.manifest["classes"])
         tiles = geometry.tiles(scene.height, scene.width)
@@ -294,6 +361,8 @@ def infer_scene(
             "quicklook": None if quicklook is None else str(quicklook), "pixels": pixels,
             "scene": str(scene_path),
             "pixels_this_run": done_pixels, "tiles": len(tiles), "tiles_resumed": len(tiles) - len(todo),
+            "tile": geometry.core + 2 * geometry.margin if geometry.kind == "image" else geometry.core,
+            "overlap": 2 * geometry.margin if geometry.kind == "image" else 0,
             "seconds": round(seconds, 3),
             "pixels_per_second": round(done_pixels / max(compute_seconds, 1e-9)),
             **ran_on}
@@ -324,7 +393,7 @@ def _run_pipeline(scene: Scene, chain: Chain, geometry: Geometry, runner: Runner
                 image = torch.from_numpy(x).permute(2, 0, 1).contiguous()
                 top, _, left, _ = t.margins()
                 core_valid = valid[top:top + t.core.height, left:left + t.core.width]
-                if not put(q_in, (t, geometry.inputs(image, t, batch), core_valid)):
+                if not put(q_in, (t, image, core_valid)):
                     return
             put(q_in, _DONE)
         except BaseException as e:
@@ -357,8 +426,8 @@ def _run_pipeline(scene: Scene, chain: Chain, geometry: Geometry, runner: Runner
                 break
             if isinstance(item, _Failure):
                 raise item.error
-            t, inputs, valid = item
-            logits = geometry.logits([runner.run(x) for x in inputs], t)
+            t, image, valid = item
+            logits = geometry.run(runner, image, t, batch)
             classes = (logits.argmax(axis=0) + 1).astype(staging.classes.dtype)
             classes[~valid] = 0
             p = None

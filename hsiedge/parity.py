@@ -205,13 +205,37 @@ def save_polygraphy(path: str | Path, data: ParityData, outputs: dict[str, list[
         results.save(str(path / "outputs.json"))
 
 
+def tiling_effect(runner: Any, data: ParityData, whole: np.ndarray, tiling: Any) -> dict[str, Any]:
+    """What running an image model tile by tile (as `hsiedge infer` does, `tiling` being its
+    Geometry) changes against the same runner on the whole scene: label agreement and ΔOA.
+    Not numeric parity: the model sees different context, so this is reported on its own."""
+    from hsiedge.infer import tiled_logits
+
+    h, w = data.shape
+    image = torch.from_numpy(np.ascontiguousarray(data.batches[0][0, :, :h, :w]))
+    tiled = tiled_logits(runner, tiling, image)
+    tiled = tiled.reshape(tiled.shape[0], -1).T[data.pixels].argmax(1)
+    ref = whole.argmax(1)
+    out = {"tile": tiling.core + 2 * tiling.margin, "overlap": 2 * tiling.margin,
+           "tiles": len(tiling.tiles(h, w)), "pixels": int(ref.size),
+           "agreement": float((tiled == ref).mean()), "labels_differ": int((tiled != ref).sum())}
+    if data.labels is not None and (data.labels >= 0).any():
+        known = data.labels >= 0
+        k = whole.shape[1]
+        out["oa_whole"] = accuracy_report(data.labels[known], ref[known], k)["oa"]
+        out["oa_tiled"] = accuracy_report(data.labels[known], tiled[known], k)["oa"]
+        out["delta_oa"] = out["oa_tiled"] - out["oa_whole"]
+    return out
+
+
 def check_bundle(bundle: Bundle, data: ParityData, runtimes: list[str], thresholds: dict[str, float],
                  save_dir: str | Path | None = None,
-                 on_batch: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+                 on_batch: Callable[[str, int], None] | None = None, tiling: Any = None) -> dict[str, Any]:
     """Run the original (torch runtime on the bundle's checkpoint) and each runtime on `data`.
 
     Returns the report as plain data: per runtime its figures, checks and failures, and
     `passed` over all of them.  `save_dir`: inputs and outputs in Polygraphy's formats.
+    `tiling` (an image model's `hsiedge.infer.Geometry`): also report each side's tiling effect.
     """
     import time
 
@@ -223,7 +247,10 @@ def check_bundle(bundle: Bundle, data: ParityData, runtimes: list[str], threshol
             outs = run_batches(runner, data, None if on_batch is None else lambda n: on_batch(name, n))
             info = {"device": runner.device, "precision": runner.precision, "artifact": runner.artifact,
                     "notes": runner.notes}
-            return outs, time.perf_counter() - t0, info
+            seconds = time.perf_counter() - t0
+            if tiling is not None and data.kind == "image":
+                info["tiling_effect"] = tiling_effect(runner, data, pixel_logits(outs, data), tiling)
+            return outs, seconds, info
 
     ref_outs, ref_seconds, ref_info = timed("torch")
     reference = pixel_logits(ref_outs, data)
@@ -235,7 +262,8 @@ def check_bundle(bundle: Bundle, data: ParityData, runtimes: list[str], threshol
         figures["seconds"] = round(seconds, 3)
         result = ParityResult(info["artifact"], name, info["device"], info["precision"], figures, checks,
                               info["notes"])
-        results.append({**result.to_dict(), "failures": [c.describe() for c in result.failures()]})
+        results.append({**result.to_dict(), "failures": [c.describe() for c in result.failures()],
+                        **({"tiling_effect": info["tiling_effect"]} if "tiling_effect" in info else {})})
         outputs[name] = outs
     if save_dir is not None:
         save_polygraphy(save_dir, data, outputs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,18 +110,24 @@ def plan_tiles(height: int, width: int, core: int, margin: int) -> list[Tile]:
     return tiles
 
 
-def tile_patches(image: torch.Tensor, tile: Tile, patch_size: int) -> torch.Tensor:
-    """Every core pixel's neighbourhood from the tile's preprocessed read window (C, h, w).
+def tile_patch_batches(image: torch.Tensor, tile: Tile, patch_size: int,
+                       batch: int) -> Iterator[torch.Tensor]:
+    """Every core pixel's neighbourhood from the tile's preprocessed read window (C, h, w),
+    `batch` pixels at a time in raster order (patch_size 0: the pixels' spectra).
 
-    Where the read window was clipped by the scene edge, the missing halo is reflect-padded
-    exactly as `pixel_patches` pads the whole scene, so a tiled run sees the same patches.
+    Batches are cut when asked for, so a tile never holds all its patches at once (a 128 x 128
+    core of 13 x 13 patches of 30 bands would be 330 MB).  Where the read window was clipped by
+    the scene edge, the missing halo is reflect-padded exactly as `pixel_patches` pads the
+    whole scene, so a tiled run sees the same patches.
     """
     r = patch_size // 2
     top, bottom, left, right = tile.margins()
     padded = F.pad(image[None], (r - left, r - right, r - top, r - bottom), mode="reflect")[0] if r else image
     h, w = tile.core.height, tile.core.width
-    rows = torch.arange(h).repeat_interleave(w)
-    cols = torch.arange(w).repeat(h)
-    if patch_size == 0:
-        return image[:, top:top + h, left:left + w].reshape(image.shape[0], -1).T.contiguous()
-    return gather_patches(padded, rows, cols, patch_size)
+    for i in range(0, h * w, batch):
+        idx = torch.arange(i, min(i + batch, h * w))
+        rows, cols = idx // w, idx % w
+        if patch_size == 0:
+            yield image[:, top + rows, left + cols].T.contiguous()
+        else:
+            yield gather_patches(padded, rows, cols, patch_size)

@@ -156,3 +156,151 @@ def test_resume_after_kill_gives_an_identical_file(sm_bundle, scene_tif, tmp_pat
     assert json.loads(res.output)["tiles_resumed"] >= done
     assert out.read_bytes() == whole.read_bytes()
     assert not journal.exists()
+
+
+@pytest.fixture(scope="module")
+def mh_bundle(datasets, tmp_path_factory) -> Path:
+    jasper = datasets / "jasper_ridge"
+    out = tmp_path_factory.mktemp("mh")
+    res = runner.invoke(app, ["train", "mambahsi", "--scene", str(jasper / "JasperRidge2_R198.mat"),
+                              "--labels", str(jasper / "_EndJasperRidge2_R198.mat"), "--epochs", "3",
+                              "-o", str(out / "mh.pt")])
+    assert res.exit_code == 0, res.output
+    export_bundle(out / "mh.pt", out / "bundle")
+    return out / "bundle"
+
+
+def test_image_model_runs_the_whole_scene_when_it_fits_the_budget(mh_bundle, scene_tif, jasper_cube,
+                                                                  tmp_path):
+    out = tmp_path / "map.tif"
+    res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(mh_bundle), "-o", str(out),
+                              "--runtime", "torch", "--json"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.output)
+    assert (s["tiles"], s["tile"], s["overlap"]) == (1, 100, 0)
+    with rasterio.open(out) as m:
+        np.testing.assert_array_equal(m.read(1), whole_scene_classes(mh_bundle, jasper_cube, "torch"))
+
+
+def test_image_model_tile_follows_the_memory_budget(mh_bundle, scene_tif, tmp_path):
+    # torch: 400 MiB resident + 3 x the artifacts (~4.5 MB), 10 kB + 4 x 198 x 4 B per tile pixel:
+    # 480 MiB leaves room for ~5,300 pixels -> a 64-pixel tile (multiple of 32) overlapping by 16.
+    res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(mh_bundle), "-o",
+                              str(tmp_path / "a.tif"), "--runtime", "torch", "--memory", "480", "--json"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.output)
+    assert (s["tile"], s["overlap"]) == (64, 16) and s["tiles"] == 9  # cores of 48: 3 x 3 over 100 x 100
+    # onnxruntime needs ~4.6x more per pixel: the same budget is too small, said in one line
+    res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(mh_bundle), "-o",
+                              str(tmp_path / "b.tif"), "--runtime", "onnxruntime", "--memory", "480"])
+    assert res.exit_code == 1 and "--memory" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "b.tif").exists()
+
+
+def test_parity_check_reports_the_tiling_effect_apart(mh_bundle, scene_tif, jasper_cube, tmp_path):
+    res = runner.invoke(app, ["parity-check", str(mh_bundle), "--tile", "48", "--overlap", "16", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    effect = report["original"]["tiling_effect"]
+    assert (effect["tile"], effect["overlap"], effect["tiles"]) == (48, 16, 16)  # cores of 32: 4 x 4 over 100
+    assert "tiling_effect" in report["results"][0] and "agreement" not in report["results"][0]["checks"]
+    # the same figure, independently: hsiedge infer's map with those tiles vs the whole-scene labels
+    out = tmp_path / "map.tif"
+    res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(mh_bundle), "-o", str(out),
+                              "--runtime", "torch", "--tile", "48", "--overlap", "16"])
+    assert res.exit_code == 0, res.output
+    with rasterio.open(out) as m:
+        tiled = m.read(1).reshape(-1)
+    whole = whole_scene_classes(mh_bundle, jasper_cube, "torch").reshape(-1)
+    with np.load(open_bundle(mh_bundle).artifact("heldout")) as h:
+        pixels = h["pixels"]
+    assert effect["pixels"] == pixels.size
+    assert effect["agreement"] == pytest.approx((tiled[pixels] == whole[pixels]).mean(), abs=1e-12)
+    # by default, the tiles `hsiedge infer` would pick for the checked runtime (onnxruntime)
+    res = runner.invoke(app, ["parity-check", str(mh_bundle), "--json"])
+    assert res.exit_code == 0, res.output
+    effect = json.loads(res.output)["results"][0]["tiling_effect"]
+    res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(mh_bundle), "-o",
+                              str(tmp_path / "o.tif"), "--runtime", "onnxruntime", "--json"])
+    picked = json.loads(res.output)
+    assert (effect["tile"], effect["overlap"], effect["tiles"]) == (picked["tile"], picked["overlap"],
+                                                                    picked["tiles"])
+    # a budget the whole scene fits in: one tile, no tiling effect at all
+    res = runner.invoke(app, ["parity-check", str(mh_bundle), "--memory", "4000", "--json"])
+    assert res.exit_code == 0, res.output
+    effect = json.loads(res.output)["results"][0]["tiling_effect"]
+    assert effect["tiles"] == 1 and effect["agreement"] == 1.0
+
+
+def _failing_after(n: int, fn, error: BaseException):
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > n:
+            raise error
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def test_full_disk_mid_run_keeps_finished_tiles_and_resumes(sm_bundle, scene_tif, tmp_path, monkeypatch):
+    import errno
+
+    from hsiedge.infer import Staging
+
+    args = ["--bundle", str(sm_bundle), "--tile", "25", "--runtime", "torch"]
+    whole = tmp_path / "whole.tif"
+    assert runner.invoke(app, ["infer", str(scene_tif), "-o", str(whole), *args]).exit_code == 0
+    out = tmp_path / "map.tif"
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with monkeypatch.context() as m:
+        m.setattr(Staging, "record", _failing_after(5, Staging.record, full))
+        res = runner.invoke(app, ["infer", str(scene_tif), "-o", str(out), *args])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
+    assert "No space left on device" in res.output and "--resume" in res.output and str(out) in res.output
+    assert not out.exists() and not list(tmp_path.glob("*partial*"))
+    journal = tmp_path / ".map.tif.journal"
+    assert len(journal.read_text().splitlines()) == 1 + 5  # header + the five tiles that were stored
+    res = runner.invoke(app, ["infer", str(scene_tif), "-o", str(out), *args, "--resume", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["tiles_resumed"] == 5
+    assert out.read_bytes() == whole.read_bytes() and not journal.exists()
+
+
+def test_failed_map_write_leaves_nothing_under_the_final_name(sm_bundle, scene_tif, tmp_path, monkeypatch):
+    from rasterio.errors import RasterioIOError
+
+    import hsiedge.io.writer as writer
+
+    args = ["--bundle", str(sm_bundle), "--runtime", "torch"]
+    whole = tmp_path / "whole.tif"
+    assert runner.invoke(app, ["infer", str(scene_tif), "-o", str(whole), *args]).exit_code == 0
+    out = tmp_path / "map.tif"
+    # what rasterio raises when GDAL cannot write a block (seen with a file-size limit)
+    err = RasterioIOError("Write failed. See previous exception for details.")
+    err.__cause__ = RuntimeError("TIFFAppendToStrip:Write error at scanline 0")
+    with monkeypatch.context() as m:
+        m.setattr(writer, "_blocks", _failing_after(0, writer._blocks, err))
+        res = runner.invoke(app, ["infer", str(scene_tif), "-o", str(out), *args])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
+    assert "TIFFAppendToStrip" in res.output and "MiB free" in res.output and "--resume" in res.output
+    assert not out.exists() and not list(tmp_path.glob("*partial*"))
+    res = runner.invoke(app, ["infer", str(scene_tif), "-o", str(out), *args, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes() == whole.read_bytes()
+
+
+def test_read_error_names_the_scene_and_keeps_finished_tiles(sm_bundle, jasper_cube, tmp_path):
+    scene = tmp_path / "cut.tif"
+    with rasterio.open(scene, "w", driver="GTiff", height=100, width=100, count=198, dtype="uint16", crs=CRS,
+                       transform=TRANSFORM, interleave="pixel", tiled=True, blockxsize=32,
+                       blockysize=32) as dst:
+        dst.write(jasper_cube.transpose(2, 0, 1))
+    os.truncate(scene, scene.stat().st_size * 6 // 10)  # a download cut short: the last blocks are gone
+    out = tmp_path / "map.tif"
+    res = runner.invoke(app, ["infer", str(scene), "--bundle", str(sm_bundle), "-o", str(out), "--tile", "16",
+                              "--runtime", "torch"])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
+    assert str(scene) in res.output and "reading window" in res.output and "--resume" in res.output
+    assert not out.exists() and not list(tmp_path.glob("*partial*"))
+    assert len((tmp_path / ".map.tif.journal").read_text().splitlines()) > 1  # finished tiles kept

@@ -10,7 +10,7 @@ import rasterio
 from rasterio.errors import RasterioError
 from rasterio.windows import Window as RioWindow
 
-from hsiedge.io.scene import Scene, SceneInfo, SceneReadError, Window
+from hsiedge.io.scene import Scene, SceneInfo, SceneReadError, Window, gdal_reason
 
 
 def _wavelengths(src) -> tuple[np.ndarray | None, str | None]:
@@ -38,7 +38,8 @@ class RasterScene(Scene):
         try:
             self._src = rasterio.open(path)
         except RasterioError as e:
-            raise SceneReadError(f"{path}: expected a raster GDAL can read, but opening failed ({e})") from e
+            raise SceneReadError(f"{path}: expected a raster GDAL can read, but opening failed "
+                                 f"({gdal_reason(e)})") from e
         src = self._src
         wl, units = _wavelengths(src)
         dtypes = set(src.dtypes)
@@ -54,7 +55,8 @@ class RasterScene(Scene):
         try:
             block = self._src.read(window=RioWindow(window.col, window.row, window.width, window.height))
         except RasterioError as e:
-            raise SceneReadError(f"{self.path}: reading window {tuple(window)} failed ({e})") from e
+            raise SceneReadError(f"{self.path}: reading window {tuple(window)} failed "
+                                 f"({gdal_reason(e)})") from e
         return np.ascontiguousarray(block.transpose(1, 2, 0))
 
     def close(self) -> None:

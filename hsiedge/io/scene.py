@@ -14,6 +14,16 @@ class SceneReadError(ValueError):
     """A scene or label file could not be read as asked; the message says why in one sentence."""
 
 
+def gdal_reason(error: BaseException) -> str:
+    """The useful text of a rasterio/GDAL error: rasterio often says only "See previous
+    exception for details", and the detail is in the error it was raised from."""
+    text = str(error)
+    cause = error.__cause__ or error.__context__
+    if "previous exception" in text and cause is not None:
+        return f"{text.split('.')[0]}: {cause}"
+    return text
+
+
 class Window(NamedTuple):
     """A rectangle of pixels: first row, first column, number of rows, number of columns."""
 

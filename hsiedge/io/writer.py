@@ -7,6 +7,7 @@ under a temporary name in the target folder and renamed only when complete.
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +15,12 @@ from typing import Any
 
 import numpy as np
 import rasterio
-from rasterio.errors import NotGeoreferencedWarning
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.transform import Affine
 from rasterio.windows import Window as RioWindow
 
 from hsiedge.atomic import atomic_path
+from hsiedge.io.scene import gdal_reason
 
 BLOCK = 256
 
@@ -49,11 +51,18 @@ def _profile(height: int, width: int, count: int, dtype: np.dtype, crs: str | No
 
 
 def _atomic_geotiff(path: Path, profile: dict[str, Any], fill) -> Path:
-    """Create a GeoTIFF under a temporary name next to `path`, let `fill(dst)` write it, rename."""
-    with atomic_path(path, ".partial.tif") as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(tmp, "w", **profile) as dst:
-            fill(dst)
+    """Create a GeoTIFF under a temporary name next to `path`, let `fill(dst)` write it, rename.
+
+    GDAL's write errors (a full disk, a file-size limit) come out as OSError with their reason.
+    """
+    try:
+        with atomic_path(path, ".partial.tif") as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(tmp, "w", **profile) as dst:
+                fill(dst)
+    except RasterioError as e:
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(f"{gdal_reason(e)}; {free / 2**20:,.0f} MiB free in {path.parent}") from e
     return path
 
 
