@@ -5,7 +5,7 @@ PY       := $(VENV)/bin/python
 TORCH    := torch==2.13.0
 STAMP    := $(VENV)/.hsiedge-installed
 
-.PHONY: setup test lint demo bench bench-accuracy clean
+.PHONY: setup test lint demo bench bench-accuracy bench-infer bench-gpu cuda-ext clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ demo: setup  ## every seed model on a real scene (Jasper Ridge) from ../shared/d
 
 bench: setup  ## benchmark tables (not tests): the op at both extremes (a few minutes)
 	$(PY) bench/scan_cpu.py
+
+bench-infer: setup  ## streaming inference vs the straightforward loop, and peak memory on a 4 GB scene
+	$(PY) bench/infer.py
+
+cuda-ext: setup  ## build the CUDA selective-scan kernel for this machine's GPU (the `cuda` backend)
+	$(PY) -m hsiedge.ops.cuda
+
+bench-gpu: cuda-ext  ## the CUDA kernel at both extremes vs copy bandwidth and the torch fallback (GPU)
+	$(PY) bench/scan_gpu.py
 
 bench-accuracy: setup  ## the three models vs an RBF-SVM on Jasper Ridge, 3 seeds x 2 protocols (~40 min)
 	$(PY) bench/accuracy.py

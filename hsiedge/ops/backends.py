@@ -7,8 +7,8 @@ context manager pins one (used by tests and benchmarks to compare backends side 
 - ``reference``  sequential PyTorch loop, any device (hsiedge.ops.reference)
 - ``cpu``        compiled C kernel, chunked over time, threaded (hsiedge.ops.cpu)
 - ``mamba_ssm``  mamba-ssm's CUDA kernel, when that package is installed
-- ``cuda``       the project's own CUDA kernel from ``plugins/``; it registers itself with
-                 `register_backend` when built, and is then preferred on CUDA tensors
+- ``cuda``       the project's own CUDA kernel from ``plugins/`` (hsiedge.ops.cuda), built
+                 with nvcc on first use where PyTorch sees a GPU; preferred on CUDA tensors
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from hsiedge.ops import cpu as _cpu
+from hsiedge.ops import cuda as _cuda
 from hsiedge.ops.reference import selective_scan_reference
 
 ScanFn = Callable[..., torch.Tensor]
@@ -85,6 +86,7 @@ def _has_mamba_ssm() -> bool:
 register_backend(ScanBackend("reference", ("cpu", "cuda"), selective_scan_reference, lambda: True))
 register_backend(ScanBackend("cpu", ("cpu",), _run_cpu, _cpu.available, _backward_cpu))
 register_backend(ScanBackend("mamba_ssm", ("cuda",), _run_mamba_ssm, _has_mamba_ssm))
+register_backend(ScanBackend("cuda", ("cuda",), _cuda.run, _cuda.available))
 
 
 def available_backends(device_type: str = "cpu") -> list[str]:

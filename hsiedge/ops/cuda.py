@@ -1,0 +1,159 @@
+"""The project's CUDA kernel as the `cuda` backend of `hsiedge.ops.selective_scan`.
+
+The kernel lives in `plugins/selective_scan/selective_scan.cu`, the same source the
+TensorRT plugin is built from.  Here it is compiled with `nvcc` into a small shared library
+(on first use, or with `make cuda-ext`), cached next to the CPU kernel, and called through
+`ctypes` with the tensors' device pointers and PyTorch's current CUDA stream: no PyTorch C++
+extension toolchain is needed, and the library does not depend on the PyTorch build.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from hsiedge.ops.cpu import cache_dir
+
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "plugins" / "selective_scan"
+SOURCES = (SOURCE_DIR / "selective_scan.cu", SOURCE_DIR / "selective_scan.h")
+NVCC_FLAGS = ["-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+class CudaBuildError(RuntimeError):
+    """The CUDA kernel could not be compiled or loaded here."""
+
+
+def nvcc() -> str | None:
+    """The nvcc to use: `$CUDA_HOME/bin/nvcc`, else the one on PATH."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").is_file():
+        return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _arch_flags() -> list[str]:
+    """Code for the GPU in this machine (its compute capability), else for sm_87 / 89 / 90."""
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return [f"-arch=sm_{major}{minor}"]
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in (87, 89, 90)]
+
+
+def library_path() -> Path:
+    """Where the library for this source, compiler and GPU is (it may not be built yet)."""
+    h = hashlib.sha256()
+    for src in SOURCES:
+        h.update(src.read_bytes())
+    h.update(" ".join([*NVCC_FLAGS, *_arch_flags(), str(nvcc())]).encode())
+    return cache_dir() / "ops" / f"libhsiedge_scan_cuda-{h.hexdigest()[:16]}.so"
+
+
+def build(target: Path | None = None) -> Path:
+    """Compile the kernel into a shared library; raise CudaBuildError with nvcc's complaint."""
+    compiler = nvcc()
+    if compiler is None:
+        raise CudaBuildError("no nvcc found (set CUDA_HOME or put nvcc on PATH)")
+    if not SOURCES[0].is_file():
+        raise CudaBuildError(f"{SOURCES[0]} is missing: the CUDA backend needs a source checkout of hsiedge")
+    target = target or library_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        lib = Path(tmp) / target.name
+        r = subprocess.run([compiler, *NVCC_FLAGS, *_arch_flags(), f"-I{SOURCE_DIR}", str(SOURCES[0]),
+                            "-o", str(lib)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise CudaBuildError(f"nvcc failed on {SOURCES[0].name}: {r.stderr.strip()[-2000:]}")
+        os.replace(lib, target)
+    return target
+
+
+def load() -> ctypes.CDLL:
+    """Build (first time) and load the library; raise CudaBuildError if impossible."""
+    global _lib, _error
+    with _lock:
+        if _lib is not None:
+            return _lib
+        if _error is not None:
+            raise CudaBuildError(_error)
+        try:
+            path = library_path()
+            if not path.exists():
+                build(path)
+            lib = ctypes.CDLL(str(path))
+        except (CudaBuildError, OSError) as e:
+            _error = str(e)
+            raise CudaBuildError(_error) from e
+        lib.hsiedge_scan_cuda.restype = ctypes.c_int32
+        lib.hsiedge_scan_cuda.argtypes = ([ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5
+                                          + [ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32,
+                                             ctypes.c_void_p])
+        lib.hsiedge_scan_cuda_workspace.restype = ctypes.c_size_t
+        lib.hsiedge_scan_cuda_workspace.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_int32]
+        lib.hsiedge_scan_cuda_status.restype = ctypes.c_char_p
+        lib.hsiedge_scan_cuda_status.argtypes = [ctypes.c_int32]
+        _lib = lib
+        return lib
+
+
+def available() -> bool:
+    """A CUDA GPU is visible to PyTorch and the kernel can be built or is built."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        load()
+        return True
+    except CudaBuildError:
+        return False
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def run(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+        D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+        delta_softplus: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Contract 1 on CUDA tensors: float16 inputs stay float16 (float32 state), others run in float32.
+
+    `out`: a contiguous tensor shaped and typed like the result to write into (tests poison it
+    to catch elements the kernel leaves unwritten)."""
+    lib = load()
+    dtype = torch.float16 if u.dtype == torch.float16 else torch.float32
+    act = [None if t is None else t.to(dtype).contiguous() for t in (u, delta, B, C, z)]
+    u_, delta_, B_, C_, z_ = act
+    A_, D_, bias_ = (None if t is None else t.float().contiguous() for t in (A, D, delta_bias))
+    batch, dim, L = u_.shape
+    N = A_.shape[1]
+    groups = 1 if B_.dim() == 3 else B_.shape[1]
+    y = torch.empty_like(u_) if out is None else out
+    if y.shape != u_.shape or y.dtype != dtype or not y.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(u_.shape)}")
+    device = u_.device
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    ws_bytes = lib.hsiedge_scan_cuda_workspace(batch, dim, L, N, groups, sms)
+    workspace = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    with torch.cuda.device(device):
+        status = lib.hsiedge_scan_cuda(*(_ptr(t) for t in (u_, delta_, A_, B_, C_, D_, z_, bias_, y)),
+                                       batch, dim, L, N, groups, int(delta_softplus),
+                                       1 if dtype == torch.float16 else 0, _ptr(workspace), sms, stream)
+    if status < 0:
+        raise ValueError(f"selective scan (cuda): {lib.hsiedge_scan_cuda_status(status).decode()}")
+    if status > 0:
+        raise RuntimeError(f"selective scan (cuda): CUDA error {status} at launch")
+    return y.to(u.dtype)
+
+
+if __name__ == "__main__":  # `make cuda-ext`
+    print(f"built {build()}")
