@@ -275,12 +275,19 @@ char const* scanStatusString(int32_t code)
     }
 }
 
+// An upper bound that never decreases as batch, dim, L or N grow, so a caller sizing for
+// the largest shape it will see (a TensorRT profile's maximum) covers every smaller one:
+// chunked shapes have at most min(seqs * L / kMinChunk, wanted + seqs) (sequence, chunk)
+// pairs; shapes that are never chunked (L < 2 * kMinChunk) need none.
 size_t scanWorkspaceBytes(ScanParams const& p, int32_t smCount)
 {
-    const Chunking ch = chooseChunking(p, smCount);
-    if (ch.nChunks <= 1)
+    if (p.L < 2 * kMinChunk || p.batch <= 0 || p.dim <= 0)
         return 0;
-    const size_t seqChunks = static_cast<size_t>(p.batch * p.dim * ch.nChunks);
+    const int64_t seqs = p.batch * p.dim;
+    const int64_t wanted = static_cast<int64_t>(smCount > 0 ? smCount : 108) * 2048 * 2;
+    const int64_t byLength = seqs * ((p.L + kMinChunk - 1) / kMinChunk);
+    const int64_t byGpu = wanted + seqs;
+    const size_t seqChunks = static_cast<size_t>(byLength < byGpu ? byLength : byGpu);
     return 2 * align256(seqChunks * p.N * sizeof(float)) + align256(seqChunks * sizeof(float));
 }
 

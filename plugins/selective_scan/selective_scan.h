@@ -51,7 +51,9 @@ struct ScanParams
 // 0 when the shapes are valid, else a negative code (see scanStatusString).
 int32_t scanCheck(ScanParams const& p);
 
-// Device scratch bytes the launch needs for these shapes (0 when the scan fits in one pass).
+// Device scratch bytes the launch needs for these shapes (0 when sequences are too short to
+// be cut into chunks).  Never decreases as batch, dim, L or N grow, so the value for the
+// largest shape a caller will see covers every smaller one.
 size_t scanWorkspaceBytes(ScanParams const& p, int32_t smCount);
 
 // Enqueue the scan on `stream`.  `workspace` holds scanWorkspaceBytes(p, smCount) bytes
