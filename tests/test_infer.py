@@ -27,16 +27,20 @@ CRS = "EPSG:32610"  # UTM 10N, where Jasper Ridge is
 TRANSFORM = from_origin(560000.0, 4140000.0, 20.0, 20.0)
 
 
+def trained_bundle(model: str, datasets: Path, out: Path) -> Path:
+    """`model` trained for 3 epochs on Jasper Ridge and exported (fp32, plugin scan)."""
+    jasper = datasets / "jasper_ridge"
+    res = runner.invoke(app, ["train", model, "--scene", str(jasper / "JasperRidge2_R198.mat"),
+                              "--labels", str(jasper / "_EndJasperRidge2_R198.mat"), "--epochs", "3",
+                              "-o", str(out / f"{model}.pt")])
+    assert res.exit_code == 0, res.output
+    export_bundle(out / f"{model}.pt", out / "bundle")
+    return out / "bundle"
+
+
 @pytest.fixture(scope="module")
 def sm_bundle(datasets, tmp_path_factory) -> Path:
-    jasper = datasets / "jasper_ridge"
-    out = tmp_path_factory.mktemp("sm")
-    res = runner.invoke(app, ["train", "spectralmamba", "--scene", str(jasper / "JasperRidge2_R198.mat"),
-                              "--labels", str(jasper / "_EndJasperRidge2_R198.mat"), "--epochs", "3",
-                              "-o", str(out / "sm.pt")])
-    assert res.exit_code == 0, res.output
-    export_bundle(out / "sm.pt", out / "bundle")
-    return out / "bundle"
+    return trained_bundle("spectralmamba", datasets, tmp_path_factory.mktemp("sm"))
 
 
 def write_geotiff(path: Path, cube: np.ndarray, nodata: float | None = None) -> Path:
@@ -160,14 +164,7 @@ def test_resume_after_kill_gives_an_identical_file(sm_bundle, scene_tif, tmp_pat
 
 @pytest.fixture(scope="module")
 def mh_bundle(datasets, tmp_path_factory) -> Path:
-    jasper = datasets / "jasper_ridge"
-    out = tmp_path_factory.mktemp("mh")
-    res = runner.invoke(app, ["train", "mambahsi", "--scene", str(jasper / "JasperRidge2_R198.mat"),
-                              "--labels", str(jasper / "_EndJasperRidge2_R198.mat"), "--epochs", "3",
-                              "-o", str(out / "mh.pt")])
-    assert res.exit_code == 0, res.output
-    export_bundle(out / "mh.pt", out / "bundle")
-    return out / "bundle"
+    return trained_bundle("mambahsi", datasets, tmp_path_factory.mktemp("mh"))
 
 
 def test_image_model_runs_the_whole_scene_when_it_fits_the_budget(mh_bundle, scene_tif, jasper_cube,

@@ -16,16 +16,14 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
 
+from hsiedge.ops.native import NativeLibrary
+
 SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.c"
 _COMPILE_FLAGS = ["-O3", "-ffast-math", "-fPIC", "-std=c11", "-Wall"]
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
 
 
 class ScanBuildError(RuntimeError):
@@ -83,30 +81,21 @@ def library_path() -> Path:
     return cache_dir() / "ops" / f"libhsiedge_scan_cpu-{_host_key()}.so"
 
 
+def _configure(lib: ctypes.CDLL) -> None:
+    fn = lib.hsiedge_selective_scan_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5 + [ctypes.c_int, ctypes.c_int]
+    bwd = lib.hsiedge_selective_scan_bwd_f32
+    bwd.restype = ctypes.c_int
+    bwd.argtypes = [ctypes.c_void_p] * 17 + [ctypes.c_int64] * 5 + [ctypes.c_int, ctypes.c_int]
+
+
+_LIBRARY = NativeLibrary(library_path, _compile, _configure, ScanBuildError)
+
+
 def load() -> ctypes.CDLL:
     """Build (first time on this host) and load the kernel; raise ScanBuildError if impossible."""
-    global _lib, _error
-    with _lock:
-        if _lib is not None:
-            return _lib
-        if _error is not None:
-            raise ScanBuildError(_error)
-        path = library_path()
-        try:
-            if not path.exists():
-                _compile(path)
-            lib = ctypes.CDLL(str(path))
-        except (ScanBuildError, OSError) as e:
-            _error = str(e)
-            raise ScanBuildError(_error) from e
-        fn = lib.hsiedge_selective_scan_f32
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5 + [ctypes.c_int, ctypes.c_int]
-        bwd = lib.hsiedge_selective_scan_bwd_f32
-        bwd.restype = ctypes.c_int
-        bwd.argtypes = [ctypes.c_void_p] * 17 + [ctypes.c_int64] * 5 + [ctypes.c_int, ctypes.c_int]
-        _lib = lib
-        return lib
+    return _LIBRARY.load()
 
 
 def available() -> bool:

@@ -15,19 +15,16 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
 import torch
 
 from hsiedge.ops.cpu import cache_dir
+from hsiedge.ops.native import NativeLibrary
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "plugins" / "selective_scan"
 SOURCES = (SOURCE_DIR / "selective_scan.cu", SOURCE_DIR / "selective_scan.h")
 NVCC_FLAGS = ["-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC"]
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
 
 
 class CudaBuildError(RuntimeError):
@@ -78,32 +75,23 @@ def build(target: Path | None = None) -> Path:
     return target
 
 
+def _configure(lib: ctypes.CDLL) -> None:
+    lib.hsiedge_scan_cuda.restype = ctypes.c_int32
+    lib.hsiedge_scan_cuda.argtypes = ([ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5
+                                      + [ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32,
+                                         ctypes.c_void_p])
+    lib.hsiedge_scan_cuda_workspace.restype = ctypes.c_size_t
+    lib.hsiedge_scan_cuda_workspace.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_int32]
+    lib.hsiedge_scan_cuda_status.restype = ctypes.c_char_p
+    lib.hsiedge_scan_cuda_status.argtypes = [ctypes.c_int32]
+
+
+_LIBRARY = NativeLibrary(library_path, build, _configure, CudaBuildError)
+
+
 def load() -> ctypes.CDLL:
     """Build (first time) and load the library; raise CudaBuildError if impossible."""
-    global _lib, _error
-    with _lock:
-        if _lib is not None:
-            return _lib
-        if _error is not None:
-            raise CudaBuildError(_error)
-        try:
-            path = library_path()
-            if not path.exists():
-                build(path)
-            lib = ctypes.CDLL(str(path))
-        except (CudaBuildError, OSError) as e:
-            _error = str(e)
-            raise CudaBuildError(_error) from e
-        lib.hsiedge_scan_cuda.restype = ctypes.c_int32
-        lib.hsiedge_scan_cuda.argtypes = ([ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5
-                                          + [ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32,
-                                             ctypes.c_void_p])
-        lib.hsiedge_scan_cuda_workspace.restype = ctypes.c_size_t
-        lib.hsiedge_scan_cuda_workspace.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_int32]
-        lib.hsiedge_scan_cuda_status.restype = ctypes.c_char_p
-        lib.hsiedge_scan_cuda_status.argtypes = [ctypes.c_int32]
-        _lib = lib
-        return lib
+    return _LIBRARY.load()
 
 
 def available() -> bool:

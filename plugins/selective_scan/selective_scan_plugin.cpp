@@ -258,6 +258,15 @@ bool isScanType(DataType t) noexcept
     return t == DataType::kFLOAT || t == DataType::kHALF;
 }
 
+// One integer of type T from a plugin field's (possibly unaligned) data.
+template <typename T>
+int64_t readScalar(void const* data) noexcept
+{
+    T v;
+    std::memcpy(&v, data, sizeof(v));
+    return static_cast<int64_t>(v);
+}
+
 // Read an integer field of any integer PluginFieldType.
 bool readIntField(PluginField const& f, int64_t& out) noexcept
 {
@@ -267,34 +276,10 @@ bool readIntField(PluginField const& f, int64_t& out) noexcept
     }
     switch (f.type)
     {
-    case PluginFieldType::kINT8:
-    {
-        int8_t v;
-        std::memcpy(&v, f.data, sizeof(v));
-        out = v;
-        return true;
-    }
-    case PluginFieldType::kINT16:
-    {
-        int16_t v;
-        std::memcpy(&v, f.data, sizeof(v));
-        out = v;
-        return true;
-    }
-    case PluginFieldType::kINT32:
-    {
-        int32_t v;
-        std::memcpy(&v, f.data, sizeof(v));
-        out = v;
-        return true;
-    }
-    case PluginFieldType::kINT64:
-    {
-        int64_t v;
-        std::memcpy(&v, f.data, sizeof(v));
-        out = v;
-        return true;
-    }
+    case PluginFieldType::kINT8: out = readScalar<int8_t>(f.data); return true;
+    case PluginFieldType::kINT16: out = readScalar<int16_t>(f.data); return true;
+    case PluginFieldType::kINT32: out = readScalar<int32_t>(f.data); return true;
+    case PluginFieldType::kINT64: out = readScalar<int64_t>(f.data); return true;
     default: return false;
     }
 }
