@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -11,6 +12,11 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window as RioWindow
 
 from hsiedge.io.scene import Scene, SceneInfo, SceneReadError, Window, gdal_reason
+
+# GDAL keeps read blocks in a cache of 5 % of the machine's memory by default (1.2 GB here):
+# streaming a large scene would fill it and undo bounded memory.  256 MB holds a row of
+# 256 x 256 blocks of a 4,400-pixel-wide, 103-band uint16 scene; GDAL_CACHEMAX overrides it.
+os.environ.setdefault("GDAL_CACHEMAX", "256")
 
 
 def _wavelengths(src) -> tuple[np.ndarray | None, str | None]:
