@@ -30,6 +30,12 @@ from hsiedge.models import count_parameters
 from hsiedge.parity import THRESHOLDS, ParityData, check_bundle, parity_data
 from hsiedge.tiling import IMAGE_MULTIPLE, PixelInputs, image_batch
 
+# TensorRT optimisation profile: patch batches of 1..ENGINE_BATCH (hsiedge infer's default
+# batch); MambaHSI tiles from 32 to 512 pixels a side, tuned for 256 (activations for the
+# largest tile must fit in an edge GPU's memory).
+ENGINE_BATCH = 128
+ENGINE_TILES = (32, 256, 512)
+
 SCANS = ("plugin", "portable")
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIB_PIXELS = 2048  # patch/pixel models: calibration samples drawn from the scene
@@ -120,6 +126,34 @@ def _versions() -> dict[str, str]:
             "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+def _add_engine(writer: BundleWriter, graph: onnx.ModelProto, kind: str, patch: int, bands: int,
+                precision: str, scan: str, plugin_library: str | Path | None, batch: int,
+                output: Path) -> dict[str, Any]:
+    """Build the TensorRT engine into the unfinished bundle, with the plugin library it needs."""
+    import os
+
+    from hsiedge.export.engine import EngineBuildError, Profile, build_engine
+    from hsiedge.runtimes.tensorrt import PLUGIN_ENV
+
+    lib = plugin_library or os.environ.get(PLUGIN_ENV)
+    if scan == "plugin" and not lib:
+        raise ExportError("a plugin-mode graph needs the hsiedge TensorRT plugin library to build an "
+                          f"engine: pass --plugins PATH/libhsiedge_trt_plugins.so or set {PLUGIN_ENV} "
+                          "(plugins/README.md builds it), or export with --scan portable")
+    if lib and not Path(lib).is_file():
+        raise ExportError(f"{lib}: expected the hsiedge TensorRT plugin library, found no file")
+    profile = Profile.for_input(kind, bands, patch, batch, *ENGINE_TILES)
+    try:
+        data, info = build_engine(graph.SerializeToString(), profile, precision, Path(lib) if lib else None,
+                                  timing_cache=output.with_name(f"{output.name}.timing-cache"))
+    except EngineBuildError as e:
+        raise ExportError(str(e)) from None
+    writer.add("engine", data)
+    if lib:
+        writer.add("plugin", Path(lib))
+    return info
+
+
 def export_bundle(
     checkpoint: str | Path,
     output: str | Path,
@@ -131,9 +165,13 @@ def export_bundle(
     calib_method: str = "percentile",
     thresholds: dict[str, float] | None = None,
     force: bool = False,
+    engine: bool = False,
+    plugin_library: str | Path | None = None,
+    engine_batch: int = ENGINE_BATCH,
     on_step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Write a verified bundle at `output`; return its manifest (with the parity results)."""
+    """Write a verified bundle at `output`; return its manifest (with the parity results).
+    `engine`: also build a TensorRT engine (TensorRT and a GPU must be here) and check it too."""
     from hsiedge.export.int8 import CALIBRATION_METHODS, quantize_int8
     from hsiedge.export.precision import to_fp16
 
@@ -223,6 +261,17 @@ def export_bundle(
         manifest["parity"] = report
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         writer.write_manifest(manifest)
+        if engine and (report["passed"] or force):
+            step("building the TensorRT engine")
+            manifest["engine"] = _add_engine(writer, graph, kind, patch, ckpt.preprocessing.out_bands,
+                                             precision, scan, plugin_library, engine_batch, Path(output))
+            bundle = writer.write_manifest(manifest)
+            step("parity: original vs TensorRT on the held-out pixels")
+            trt_report = check_bundle(bundle, pdata, ["tensorrt"], limits)
+            report["results"] += trt_report["results"]
+            report["passed"] = report["passed"] and trt_report["passed"]
+            report["forced"] = bool(force and not report["passed"])
+            writer.write_manifest(manifest)
         if not report["passed"] and not force:
             failing = "; ".join(c for r in report["results"] for c in r["failures"])
             raise ParityFailedError(f"the {precision} {scan} export fails parity ({failing}); "

@@ -27,7 +27,7 @@ OUTPUT_NAME = "logits"  # the graph output: per-pixel logits, float32
 MANIFEST = "manifest.json"
 # artifact kind -> file name inside the bundle
 ARTIFACT_FILES = {"checkpoint": "checkpoint.pt", "onnx": "model.onnx", "engine": "model.engine",
-                  "heldout": "heldout.npz"}
+                  "plugin": "libhsiedge_trt_plugins.so", "heldout": "heldout.npz"}
 
 # Distinct colours for class maps (tab20-like, written by hand); cycled past 20 classes.
 PALETTE = (

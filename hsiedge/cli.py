@@ -218,7 +218,10 @@ def export(
                                       "check (default: the checkpoint's training scene, test split)."),
     calib_key: str | None = typer.Option(None, "--calib-key", help="Array of a .mat --calib scene."),
     calib_method: str = typer.Option("percentile", help="int8 calibrator: percentile or entropy."),
-    engine: bool = typer.Option(False, "--engine", help="Also build a TensorRT engine (needs TensorRT)."),
+    engine: bool = typer.Option(False, "--engine", help="Also build a TensorRT engine and check it (needs "
+                                "TensorRT and a GPU)."),
+    plugins: Path | None = typer.Option(None, "--plugins", help="libhsiedge_trt_plugins.so for --engine "
+                                        "(default: $HSIEDGE_TRT_PLUGINS)."),
     force: bool = typer.Option(False, "--force", help="Write the bundle even if parity fails (recorded)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
@@ -226,12 +229,18 @@ def export(
     from hsiedge.checkpoint import CheckpointError
     from hsiedge.export.bundle_export import ExportError, ParityFailedError, export_bundle
 
+    no_engine = None
+    if engine:
+        from hsiedge.runtimes.tensorrt import why_not_here
+
+        no_engine = why_not_here()
     status = err_console.status("exporting", spinner="dots") if err_console.is_terminal else None
     if status:
         status.start()
     try:
         manifest = export_bundle(checkpoint, output, scan=scan, precision=precision, calib=calib,
                                  calib_key=calib_key, calib_method=calib_method, force=force,
+                                 engine=engine and no_engine is None, plugin_library=plugins,
                                  on_step=(lambda s: status.update(s)) if status else None)
     except ParityFailedError as e:
         if status:
@@ -252,13 +261,8 @@ def export(
             "forced"] else ""
         console.print(f"wrote {output} ({manifest['model']['name']}, {precision}, scan {scan}, "
                       f"{manifest['scan_calls']} scan calls, {manifest['export_seconds']:.1f} s){forced}")
-    if engine:
-        from hsiedge.runtimes.tensorrt import why_not_here
-
-        reason = why_not_here()
-        fail(f"no TensorRT engine built: {reason}; the ONNX bundle was written" if reason else
-             "no TensorRT engine built: engine building is not implemented in this version of hsiedge; "
-             "the ONNX bundle was written")
+    if no_engine:
+        fail(f"no TensorRT engine built: {no_engine}; the ONNX bundle was written")
 
 
 @app.command("parity-check")
@@ -379,8 +383,9 @@ def infer(
     overlap: int | None = typer.Option(None, "--overlap", help="MambaHSI: overlap between tiles "
                                        "(default: a quarter of the tile; centres are kept)."),
     memory: float | None = typer.Option(None, "--memory", help="MambaHSI: memory budget in MiB from which "
-                                        "the default tile is chosen (default 800)."),
-    batch: int = typer.Option(256, "--batch", help="Pixels per runner call (patch and pixel models)."),
+                                        "the default tile is chosen (default 900)."),
+    batch: int | None = typer.Option(None, "--batch", help="Pixels per runner call (patch and pixel "
+                                     "models; default 128); memory grows with it."),
     probs: bool = typer.Option(False, "--probs", help="Also write per-class probabilities (uint8, 255 = 1) "
                                "to MAP.probs.tif."),
     quicklook: Path | None = typer.Option(None, "--quicklook", help="Also write a PNG of the map with a "
@@ -393,7 +398,7 @@ def infer(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from hsiedge.bundle import BundleError, open_bundle
-    from hsiedge.infer import InferError, infer_scene
+    from hsiedge.infer import DEFAULT_BATCH, InferError, infer_scene
 
     try:
         bundle = open_bundle(bundle_path)
@@ -419,7 +424,8 @@ def infer(
 
         try:
             summary = infer_scene(scene, bundle, output, key=key, runtime=runtime, tile=tile, overlap=overlap,
-                                  batch=batch, probs=probs, quicklook=quicklook, resume=resume,
+                                  batch=DEFAULT_BATCH if batch is None else batch, probs=probs,
+                                  quicklook=quicklook, resume=resume,
                                   memory_mib=memory, on_start=start, on_tile=tile_done)
         except InferError as e:
             fail(str(e))
@@ -432,7 +438,9 @@ def infer(
                   f"{summary['tiles']} tiles of {summary['tile']} px"
                   + (f" overlapping by {summary['overlap']}" if summary["overlap"] else "")
                   + (f", {summary['tiles_resumed']} of {summary['tiles']} tiles resumed"
-                     if summary["tiles_resumed"] else ""))
+                     if summary["tiles_resumed"] else "")
+                  + (f", peak memory {summary['peak_memory_mib']:,} MiB"
+                     if summary["peak_memory_mib"] else ""))
 
 
 if __name__ == "__main__":

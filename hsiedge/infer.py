@@ -31,7 +31,9 @@ import torch
 
 from hsiedge.bundle import Bundle
 from hsiedge.io import Scene, SceneReadError, open_scene
+from hsiedge.io.raster import block_cache_mib
 from hsiedge.io.writer import class_dtype, write_class_map, write_probabilities
+from hsiedge.memory import bound_heap, peak_rss_mib, release_free_heap
 from hsiedge.tiling import IMAGE_MULTIPLE, Tile, image_batch, plan_tiles, tile_patch_batches
 
 if TYPE_CHECKING:
@@ -42,14 +44,21 @@ if TYPE_CHECKING:
 # budget allows (the whole scene when it fits), overlapping by a quarter of its side; see
 # README "Streaming inference" for the agreement and memory measurements behind this.
 DEFAULT_CORE = 128
-DEFAULT_MEMORY_MIB = 800
+DEFAULT_MEMORY_MIB = 900
 MIN_IMAGE_TILE = 64
 QUEUE_DEPTH = 2
-# Peak memory of one MambaHSI forward pass per tile pixel at hidden_dim 128, measured on CPU at
-# tiles of 256 and 512: torch 8.6-9.5 KB; onnxruntime 41-45 KB (its portable scan materialises
-# (dim, L, N) tensors).  Other runtimes keep activations on the GPU: the torch figure is used.
-IMAGE_BYTES_PER_PIXEL = {"torch": 10_000, "onnxruntime": 46_000}
-RESIDENT_MIB = 400  # a process with torch, onnxruntime and rasterio loaded, before any tile (measured)
+# Patches per runner call.  MD2F-Mamba costs ~0.75 MB per patch in torch and ~1.6 MB in ONNX
+# Runtime (its portable scan materialises (dim, L, N) per patch), so 256 took a streamed run
+# past 1 GB; 128 costs torch at most a tenth of its speed and makes ONNX Runtime faster.
+DEFAULT_BATCH = 128
+# Peak memory of a streamed MambaHSI run per tile pixel at hidden_dim 128, beyond the fixed
+# part below, measured on CPU with `hsiedge infer` on a 4.4 GB scene at tiles of 64-192
+# (README "Streaming inference"); ONNX Runtime's portable scan materialises (dim, L, N)
+# tensors.  Other runtimes keep activations on the GPU: the torch figure is used.
+IMAGE_BYTES_PER_PIXEL = {"torch": 20_000, "onnxruntime": 52_000}
+# The fixed part: the process with torch, onnxruntime, rasterio, a runner and the pipeline's
+# threads (measured); the GDAL block cache comes on top.
+RESIDENT_MIB = 400
 JOURNAL_VERSION = 1
 
 
@@ -122,7 +131,8 @@ def image_tile_for_budget(bundle: Bundle, runtime: str, memory_mib: float, heigh
     agree better with a whole-scene run.  The estimate depends only on its arguments, so a
     resumed run picks the same tiles."""
     artifacts = bundle.manifest["artifacts"].values()
-    resident = RESIDENT_MIB + 3 * sum(a.get("bytes", 0) for a in artifacts) / 2**20
+    resident = (RESIDENT_MIB + 3 * sum(a.get("bytes", 0) for a in artifacts) / 2**20
+                + block_cache_mib())
     hidden = bundle.manifest["model"]["config"].get("hidden_dim", 128)
     bands = bundle.preprocessing.out_bands
     # the forward pass, plus the input tiles the queues hold (float32)
@@ -130,15 +140,20 @@ def image_tile_for_budget(bundle: Bundle, runtime: str, memory_mib: float, heigh
     per_pixel += (QUEUE_DEPTH + 2) * bands * 4
     room = (memory_mib - resident) * 2**20 / per_pixel  # tile pixels that fit
     mult = IMAGE_MULTIPLE
+    # a TensorRT engine takes tiles up to its optimisation profile's largest
+    largest = ((bundle.manifest.get("engine") or {}).get("profile") or {}).get("max", [0])[-1]
+    cap = largest if runtime == "tensorrt" and largest else None
     whole_h, whole_w = -(-height // mult) * mult, -(-width // mult) * mult
-    if whole_h * whole_w <= room:
+    if whole_h * whole_w <= room and (cap is None or max(whole_h, whole_w) <= cap):
         return max(whole_h, whole_w), 0
     side = int(np.sqrt(max(room, 0)) // 32 * 32)
+    side = side if cap is None else min(side, cap // 32 * 32)
     if side < MIN_IMAGE_TILE:
         need = resident + MIN_IMAGE_TILE ** 2 * per_pixel / 2**20
         raise InferError(f"a memory budget of {memory_mib:.0f} MiB leaves no room for a "
                          f"{MIN_IMAGE_TILE} x {MIN_IMAGE_TILE} tile with the {runtime} runtime "
-                         f"({resident:.0f} MiB already in use); give --memory {need:.0f} or more, or --tile")
+                         f"({resident:.0f} MiB go to the process and its caches before any tile); "
+                         f"give --memory {need:.0f} or more, or --tile")
     return side, side // 4 // (2 * mult) * (2 * mult)
 
 
@@ -273,7 +288,7 @@ def infer_scene(
     runtime: str | None = None,
     tile: int | None = None,
     overlap: int | None = None,
-    batch: int = 256,
+    batch: int = DEFAULT_BATCH,
     probs: bool = False,
     quicklook: str | Path | None = None,
     resume: bool = False,
@@ -286,6 +301,7 @@ def infer_scene(
 
     scene_path = Path(scene_path)
     output = Path(output) if output is not None else default_output(scene_path)
+    bound_heap()
     if batch < 1:
         raise InferError(f"--batch must be at least 1, got {batch}")
     try:
@@ -365,6 +381,7 @@ def infer_scene(
             "overlap": 2 * geometry.margin if geometry.kind == "image" else 0,
             "seconds": round(seconds, 3),
             "pixels_per_second": round(done_pixels / max(compute_seconds, 1e-9)),
+            "peak_memory_mib": None if (peak := peak_rss_mib()) is None else round(peak),
             **ran_on}
 
 
@@ -427,7 +444,11 @@ def _run_pipeline(scene: Scene, chain: Chain, geometry: Geometry, runner: Runner
             if isinstance(item, _Failure):
                 raise item.error
             t, image, valid = item
-            logits = geometry.run(runner, image, t, batch)
+            outputs = []
+            for x in geometry.inputs(image, t, batch):
+                outputs.append(runner.run(x))
+                release_free_heap()  # between batches: a tile of MD2F-Mamba runs 64 of them
+            logits = geometry.logits(outputs, t)
             classes = (logits.argmax(axis=0) + 1).astype(staging.classes.dtype)
             classes[~valid] = 0
             p = None
@@ -436,6 +457,7 @@ def _run_pipeline(scene: Scene, chain: Chain, geometry: Geometry, runner: Runner
                 p[:, ~valid] = 0
             if writer_error or not put(q_out, (t, classes, p)):
                 break
+            del logits, image, outputs
     finally:
         q_out.put(_DONE)  # the writer drains everything, so this never blocks for long
         writer.join()

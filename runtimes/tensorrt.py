@@ -63,6 +63,7 @@ class TensorRTRunner(Runner):
                 f"{bundle.artifact('engine')}: TensorRT could not deserialise the engine "
                 "(built by another TensorRT version or for another GPU?)")
         self.context = self.engine.create_execution_context()
+        self._max_batch = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0]  # (min, opt, max)
         self.stream = _check(cudart.cudaStreamCreate())
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
         self._host: dict[str, tuple[int, int]] = {}  # name -> (pinned pointer, bytes)
@@ -91,6 +92,13 @@ class TensorRTRunner(Runner):
         return ptr
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        """Logits of a batch; batches larger than the engine's profile allows run in parts."""
+        most = int(self._max_batch)
+        if x.shape[0] > most:
+            return np.concatenate([self._run(x[i:i + most]) for i in range(0, x.shape[0], most)])
+        return self._run(x)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
         cudart = self._cudart
         x = np.ascontiguousarray(x, dtype=np.float32)
         self.context.set_input_shape(INPUT_NAME, x.shape)

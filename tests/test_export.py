@@ -282,3 +282,58 @@ def test_dynamic_batch_and_tile_sides(checkpoints):
             ref = (model.full_resolution_logits(t) if name == "mambahsi" else model(t)).numpy()
         assert y.shape == ref.shape
         assert np.linalg.norm(y - ref) <= 1e-4 * np.linalg.norm(ref)
+
+
+def test_engine_profile_covers_what_infer_feeds():
+    from hsiedge.export.engine import Profile
+
+    p = Profile.for_input("patch", 30, 13, 128, 32, 256, 512)
+    assert (p.min, p.opt, p.max) == ((1, 30, 13, 13), (128, 30, 13, 13), (128, 30, 13, 13))
+    p = Profile.for_input("pixel", 103, 0, 64, 32, 256, 512)
+    assert (p.min, p.max) == ((1, 103), (64, 103))
+    p = Profile.for_input("image", 198, 0, 128, 32, 256, 512)
+    assert (p.min, p.opt, p.max) == ((1, 198, 32, 32), (1, 198, 256, 256), (1, 198, 512, 512))
+    assert p.to_dict()["max"] == [1, 198, 512, 512]
+
+
+def test_plugin_engine_without_the_plugin_library_says_so(monkeypatch, tmp_path):
+    """Checked before TensorRT is touched, so it holds on every machine."""
+    import onnx
+
+    from hsiedge.bundle import BundleWriter
+    from hsiedge.export.bundle_export import _add_engine
+
+    monkeypatch.delenv("HSIEDGE_TRT_PLUGINS", raising=False)
+    writer = BundleWriter(tmp_path / "b")
+    try:
+        with pytest.raises(ExportError, match="--plugins"):
+            _add_engine(writer, onnx.ModelProto(), "patch", 7, 103, "fp32", "plugin", None, 128,
+                        tmp_path / "b")
+        with pytest.raises(ExportError, match="found no file"):
+            _add_engine(writer, onnx.ModelProto(), "patch", 7, 103, "fp32", "plugin", tmp_path / "no.so", 128,
+                        tmp_path / "b")
+    finally:
+        writer.discard()
+
+
+def _tensorrt_and_gpu() -> str | None:
+    from hsiedge.runtimes.tensorrt import why_not_here
+
+    return why_not_here()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("_tensorrt_and_gpu() is not None", reason="needs TensorRT, cuda-python and a CUDA GPU")
+@pytest.mark.parametrize("scan", ["portable", "plugin"])
+def test_engine_builds_and_matches_the_original(checkpoints, tmp_path, scan):
+    import os
+
+    if scan == "plugin" and not os.environ.get("HSIEDGE_TRT_PLUGINS"):
+        pytest.skip("set HSIEDGE_TRT_PLUGINS to the built libhsiedge_trt_plugins.so")
+    out = tmp_path / "b"
+    manifest = export_bundle(checkpoints["spectralmamba"], out, scan=scan, precision="fp16", engine=True)
+    b = open_bundle(out)
+    assert b.has("engine") and manifest["engine"]["profile"]["max"][0] == 128
+    assert (tmp_path / "b.timing-cache").is_file()
+    trt = [r for r in manifest["parity"]["results"] if r["runtime"] == "tensorrt"]
+    assert len(trt) == 1 and trt[0]["passed"], trt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -222,3 +223,40 @@ def test_urban_labels_from_abundances_with_their_own_size(datasets):
     lm = read_labels(datasets / "urban" / "_EndUrban_R162.mat")
     assert lm.labels.shape == (307, 307)
     np.testing.assert_array_equal(np.bincount(lm.labels.ravel()), [0, 29954, 32328, 24805, 7162])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc (Linux)")
+def test_streamed_memory_mapped_reads_do_not_stay_resident(tmp_path, datasets):
+    """A streamed ENVI scene is read through a memory map; the pages a window touched must not
+    count as resident for the rest of the run (a 4 GB scene would look like 4 GB)."""
+    pavia = read_cube(datasets / "pavia_university" / "paviaU_subimg.mat")  # (50, 50, 103)
+    big = np.tile(pavia, (16, 16, 1))  # 800 x 800 x 103 uint16: 132 MB of real spectra, BIL
+    (tmp_path / "s.raw").write_bytes(np.ascontiguousarray(big.transpose(0, 2, 1)).tobytes())
+    (tmp_path / "s.hdr").write_text("ENVI\nsamples = 800\nlines = 800\nbands = 103\ndata type = 12\n"
+                                    "interleave = bil\nbyte order = 0\n")
+    del big
+
+    def rss_file_mib() -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssFile:"))
+        return int(line.split()[1]) / 1024
+
+    with open_scene(tmp_path / "s.raw") as s:
+        before = rss_file_mib()
+        for r in range(0, 800, 100):
+            for c in range(0, 800, 100):
+                w = s.read(Window(r, c, 100, 100))
+        grown = rss_file_mib() - before
+    np.testing.assert_array_equal(w, np.tile(pavia, (2, 2, 1)))  # the last window, (700, 700)
+    assert grown < 20, f"{grown:.0f} MiB of the 132 MB scene stayed resident"
+
+
+@pytest.mark.parametrize("value,mib", [("64", 64), ("128MB", 128), ("200000000", 200e6 / 2**20),
+                                       ("junk", 64)])
+def test_gdal_block_cache_size_is_read_as_gdal_reads_it(monkeypatch, value, mib):
+    from hsiedge.io.raster import block_cache_mib
+
+    monkeypatch.setenv("GDAL_CACHEMAX", value)
+    assert block_cache_mib() == pytest.approx(mib)
+    monkeypatch.setenv("GDAL_CACHEMAX", "10%")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    assert block_cache_mib() == pytest.approx(total / 10)

@@ -14,9 +14,24 @@ from rasterio.windows import Window as RioWindow
 from hsiedge.io.scene import Scene, SceneInfo, SceneReadError, Window, gdal_reason
 
 # GDAL keeps read blocks in a cache of 5 % of the machine's memory by default (1.2 GB here):
-# streaming a large scene would fill it and undo bounded memory.  256 MB holds a row of
-# 256 x 256 blocks of a 4,400-pixel-wide, 103-band uint16 scene; GDAL_CACHEMAX overrides it.
-os.environ.setdefault("GDAL_CACHEMAX", "256")
+# streaming a large scene would fill it and undo bounded memory.  64 MB holds the few blocks
+# one tile's window touches; blocks shared by neighbouring tiles may be read twice, which
+# costs little next to a forward pass (README, "Streaming inference").  GDAL_CACHEMAX wins.
+GDAL_CACHE_MIB = 64
+os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MIB))
+
+
+def block_cache_mib() -> float:
+    """The most memory GDAL's block cache will hold, from GDAL_CACHEMAX as GDAL reads it
+    (a number below 100,000 is MB, above it bytes; "N%" is a share of physical memory)."""
+    value = os.environ.get("GDAL_CACHEMAX", str(GDAL_CACHE_MIB)).strip().upper().removesuffix("MB")
+    try:
+        if value.endswith("%"):
+            return float(value[:-1]) / 100 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+        number = float(value)
+    except (ValueError, OSError):
+        return GDAL_CACHE_MIB
+    return number if number < 100_000 else number / 2**20
 
 
 def _wavelengths(src) -> tuple[np.ndarray | None, str | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,5 +118,16 @@ class ArrayScene(Scene):
     def _read(self, window: Window) -> np.ndarray:
         rows, cols = window.slices()
         index = tuple({"r": rows, "c": cols, "b": slice(None)}[a] for a in self._axes)
-        block = np.asarray(self._data[index])
-        return np.ascontiguousarray(np.transpose(block, [self._axes.index(a) for a in "rcb"]))
+        block = np.ascontiguousarray(np.transpose(np.asarray(self._data[index]),
+                                                  [self._axes.index(a) for a in "rcb"]))
+        _unmap_pages(self._data)
+        return block
+
+
+def _unmap_pages(data) -> None:
+    """Drop the pages a memory-mapped scene has touched from this process (they stay in the
+    page cache): otherwise every page read counts as resident until the run ends, and a
+    streamed 4 GB ENVI scene would show as 4 GB of resident memory."""
+    mm = getattr(data, "_mmap", None)  # numpy.memmap's underlying mmap.mmap
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
