@@ -111,9 +111,16 @@ class Geometry:
         patch = self.patch if self.kind == "patch" else 0
         return (x.numpy() for x in tile_patch_batches(image, tile, patch, batch))
 
-    def run(self, runner: Runner, image: torch.Tensor, tile: Tile, batch: int) -> np.ndarray:
-        """(K, core h, core w) logits of one tile from its preprocessed read window (C, h, w)."""
-        return self.logits([runner.run(x) for x in self.inputs(image, tile, batch)], tile)
+    def run(self, runner: Runner, image: torch.Tensor, tile: Tile, batch: int,
+            after_batch: Callable[[], object] | None = None) -> np.ndarray:
+        """(K, core h, core w) logits of one tile from its preprocessed read window (C, h, w);
+        `after_batch` runs after each runner call."""
+        outputs = []
+        for x in self.inputs(image, tile, batch):
+            outputs.append(runner.run(x))
+            if after_batch is not None:
+                after_batch()
+        return self.logits(outputs, tile)
 
     def logits(self, outputs: list[np.ndarray], tile: Tile) -> np.ndarray:
         """(K, core h, core w) logits of the tile's core."""
@@ -444,11 +451,8 @@ def _run_pipeline(scene: Scene, chain: Chain, geometry: Geometry, runner: Runner
             if isinstance(item, _Failure):
                 raise item.error
             t, image, valid = item
-            outputs = []
-            for x in geometry.inputs(image, t, batch):
-                outputs.append(runner.run(x))
-                release_free_heap()  # between batches: a tile of MD2F-Mamba runs 64 of them
-            logits = geometry.logits(outputs, t)
+            # trim between batches, not tiles: a tile of MD2F-Mamba runs 128 of them
+            logits = geometry.run(runner, image, t, batch, after_batch=release_free_heap)
             classes = (logits.argmax(axis=0) + 1).astype(staging.classes.dtype)
             classes[~valid] = 0
             p = None
@@ -457,7 +461,7 @@ def _run_pipeline(scene: Scene, chain: Chain, geometry: Geometry, runner: Runner
                 p[:, ~valid] = 0
             if writer_error or not put(q_out, (t, classes, p)):
                 break
-            del logits, image, outputs
+            del logits, image
     finally:
         q_out.put(_DONE)  # the writer drains everything, so this never blocks for long
         writer.join()
