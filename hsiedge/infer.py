@@ -55,10 +55,10 @@ DEFAULT_BATCH = 128
 # part below, measured on CPU with `hsiedge infer` on a 4.4 GB scene at tiles of 64-192
 # (README "Streaming inference"); ONNX Runtime's portable scan materialises (dim, L, N)
 # tensors.  Other runtimes keep activations on the GPU: the torch figure is used.
-IMAGE_BYTES_PER_PIXEL = {"torch": 20_000, "onnxruntime": 52_000}
+IMAGE_BYTES_PER_PIXEL = {"torch": 22_000, "onnxruntime": 52_000}
 # The fixed part: the process with torch, onnxruntime, rasterio, a runner and the pipeline's
-# threads (measured); the GDAL block cache comes on top.
-RESIDENT_MIB = 400
+# threads (measured; an ONNX Runtime session holds more); the GDAL block cache comes on top.
+RESIDENT_MIB = {"torch": 400, "onnxruntime": 480}
 JOURNAL_VERSION = 1
 
 
@@ -138,8 +138,8 @@ def image_tile_for_budget(bundle: Bundle, runtime: str, memory_mib: float, heigh
     agree better with a whole-scene run.  The estimate depends only on its arguments, so a
     resumed run picks the same tiles."""
     artifacts = bundle.manifest["artifacts"].values()
-    resident = (RESIDENT_MIB + 3 * sum(a.get("bytes", 0) for a in artifacts) / 2**20
-                + block_cache_mib())
+    resident = (RESIDENT_MIB.get(runtime, RESIDENT_MIB["torch"])
+                + 3 * sum(a.get("bytes", 0) for a in artifacts) / 2**20 + block_cache_mib())
     hidden = bundle.manifest["model"]["config"].get("hidden_dim", 128)
     bands = bundle.preprocessing.out_bands
     # the forward pass, plus the input tiles the queues hold (float32)

@@ -67,7 +67,12 @@ class RuntimeSpec:
     name: str
     opener: Callable[[Bundle, str | None], Runner]
     available: Callable[[Bundle], str | None]  # None when usable, else the reason it is not
-    speed_rank: int  # lower is faster: the default runtime is the fastest available
+    # lower is faster: the default runtime is the fastest available; a function of the bundle
+    # where the order depends on it (precision)
+    speed_rank: int | Callable[[Bundle], int]
+
+    def rank(self, bundle: Bundle) -> int:
+        return self.speed_rank(bundle) if callable(self.speed_rank) else self.speed_rank
 
 
 _RUNTIMES: dict[str, RuntimeSpec] = {}
@@ -90,7 +95,7 @@ def why_unavailable(bundle: Bundle, name: str) -> str | None:
 
 def default_runtime(bundle: Bundle) -> str:
     """The fastest runtime that can run this bundle here."""
-    for spec in sorted(_RUNTIMES.values(), key=lambda s: s.speed_rank):
+    for spec in sorted(_RUNTIMES.values(), key=lambda s: s.rank(bundle)):
         if spec.available(bundle) is None:
             return spec.name
     raise RuntimeUnavailableError(f"{bundle.path}: no runtime can run this bundle here")

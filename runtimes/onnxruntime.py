@@ -90,4 +90,4 @@ def _available(bundle: Bundle) -> str | None:
     return None if bundle.has("onnx") else f"{bundle.path}: the bundle carries no ONNX graph"
 
 
-register_runtime(RuntimeSpec("onnxruntime", OnnxRuntimeRunner, _available, speed_rank=1))
+register_runtime(RuntimeSpec("onnxruntime", OnnxRuntimeRunner, _available, speed_rank=2))

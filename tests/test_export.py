@@ -22,6 +22,7 @@ from hsiedge.bundle import BundleError, open_bundle
 from hsiedge.cli import app
 from hsiedge.export import scan_node
 from hsiedge.export.bundle_export import ExportError, ParityFailedError, export_bundle
+from hsiedge.runtimes import default_runtime
 
 SCAN_CALLS = {"spectralmamba": 1, "md2f-mamba": 3, "mambahsi": 6}
 EPOCHS = {"spectralmamba": 5, "md2f-mamba": 3, "mambahsi": 30}
@@ -124,6 +125,9 @@ def test_export_passes_parity(checkpoints, tmp_path, model, scan, precision):
     assert manifest["scan_calls"] == SCAN_CALLS[model]
     thresholds = parity["thresholds"]
     assert thresholds["min_agreement"] == {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}[precision]
+    # no engine here: the PyTorch original is the faster CPU runtime for fp32, while reduced
+    # precision is what only the ONNX graph runs
+    assert default_runtime(bundle) == ("torch" if precision == "fp32" else "onnxruntime")
 
 
 @pytest.fixture(scope="module")

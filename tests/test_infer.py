@@ -180,15 +180,16 @@ def test_image_model_runs_the_whole_scene_when_it_fits_the_budget(mh_bundle, sce
 
 
 def test_image_model_tile_follows_the_memory_budget(mh_bundle, scene_tif, tmp_path):
-    # torch: 400 MiB resident + 3 x the artifacts (~4.5 MB) + 64 MiB GDAL cache, then 20 kB +
-    # 4 x 198 x 4 B per tile pixel: 600 MiB leaves room for ~6,000 pixels -> a 64-pixel tile
+    # torch: 400 MiB resident + 3 x the artifacts (~4.5 MB) + 64 MiB GDAL cache, then 22 kB +
+    # 4 x 198 x 4 B per tile pixel: 600 MiB leaves room for ~5,400 pixels -> a 64-pixel tile
     # (multiple of 32) overlapping by 16.
     res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(mh_bundle), "-o",
                               str(tmp_path / "a.tif"), "--runtime", "torch", "--memory", "600", "--json"])
     assert res.exit_code == 0, res.output
     s = json.loads(res.output)
     assert (s["tile"], s["overlap"]) == (64, 16) and s["tiles"] == 9  # cores of 48: 3 x 3 over 100 x 100
-    # onnxruntime needs ~2.4x more per pixel: the same budget is too small, said in one line
+    # onnxruntime needs 80 MiB more and ~2.3x more per pixel: the same budget is too small,
+    # said in one line
     res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(mh_bundle), "-o",
                               str(tmp_path / "b.tif"), "--runtime", "onnxruntime", "--memory", "600"])
     assert res.exit_code == 1 and "--memory" in res.output and len(res.output.strip().splitlines()) == 1

@@ -66,3 +66,18 @@ def test_forward_matches_numpy_float64():
         y = m(torch.from_numpy(x).float()).double().numpy()
     ref = np_mamba_forward(m, x)
     assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_channels_first_forward_matches_numpy_float64():
+    """The channel-first path (MambaHSI's spatial scan) is the same block: one (d_model, L)
+    sequence in, compared with the float64 reference on the transposed sequence."""
+    torch.manual_seed(2)
+    m = Mamba(d_model=32, d_state=16).eval()
+    with torch.no_grad():
+        m.dt_proj.bias.add_(2.0)
+    x = np.random.default_rng(1).standard_normal((32, 300))
+    with torch.no_grad():
+        y = m.forward_channels_first(torch.from_numpy(x).float()).double().numpy()
+    ref = np_mamba_forward(m, x.T[None])[0].T
+    assert y.shape == (32, 300)
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()

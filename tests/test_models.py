@@ -99,6 +99,23 @@ def test_mambahsi_on_real_scene(scene):
         torch.testing.assert_close(full[..., i, j], low[..., a, b])
 
 
+def test_mambahsi_spatial_scan_runs_over_the_raster_sequence(scene):
+    """The spatial Mamba scans the batch's feature maps as ONE raster-order (b, h, w) sequence,
+    as the official code does with permute/reshape; ours takes the channel-first path."""
+    from hsiedge.models.mambahsi import SpaMamba
+
+    torch.manual_seed(3)
+    spa = SpaMamba(scene.shape[0], group_num=1).eval()
+    x = torch.stack([scene, scene.flip(-1)])  # (2, C, H, W)
+    b, c, h, w = x.shape
+    with torch.no_grad():
+        got = spa(x)
+        seq = x.permute(0, 2, 3, 1).reshape(1, b * h * w, c)
+        ref = spa.mamba(seq).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        ref = spa.proj(ref) + x
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_patch_models_on_real_scene(scene):
     bands, h, w = scene.shape
     sm = build_model("spectralmamba", in_channels=bands, num_classes=4).eval()

@@ -96,8 +96,9 @@ def test_non_contiguous_inputs():
         assert rel_err(selective_scan(**a), ref) <= 1e-5
 
 
-def test_threading_does_not_change_results():
-    a = make_inputs(5, 3, 96, 700, 16, True, True, True, True, True)
+@pytest.mark.parametrize("dim,L", [(96, 700), (98, 5)])  # long; short with uneven channel blocks
+def test_threading_does_not_change_results(dim, L):
+    a = make_inputs(5, 3, dim, L, 16, True, True, True, True, True)
     n = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
     one = cpu_kernel.scan_numpy(**n, n_threads=1)
     many = cpu_kernel.scan_numpy(**n, n_threads=7)

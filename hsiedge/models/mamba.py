@@ -68,21 +68,50 @@ class Mamba(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(batch, L, d_model) -> (batch, L, d_model)."""
-        L = hidden_states.shape[1]
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2*d_inner, L)
         x, z = xz.chunk(2, dim=1)
-        x = F.silu(self.conv1d(x)[..., :L])
+        x = self._conv(x)
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias goes in as delta_bias
+        y = self._scan(x, dt, B.transpose(1, 2), C.transpose(1, 2), z)
+        return self.out_proj(y.transpose(1, 2))
+
+    def forward_channels_first(self, x: torch.Tensor) -> torch.Tensor:
+        """(d_model, L) -> (d_model, L): the same block on ONE channel-first sequence.
+
+        Every projection is a 1x1 convolution over the channels, so for an image model's spatial
+        scan over a whole tile the scan's (1, channels, L) inputs come out already contiguous:
+        no transposed copies of the long sequence are made (a fifth of MambaHSI's CPU time).
+        In ONNX they are Conv nodes, whose int8 weights quantize per output channel.
+        """
+        xz = self._project(self.in_proj, x)  # (2*d_inner, L)
+        x, z = xz.chunk(2, dim=0)
+        x = self._conv(x[None])[0]
+        x_dbl = self._project(self.x_proj, x)  # (dt_rank + 2N, L)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=0)
+        dt = self._project(self.dt_proj, dt, bias=False)  # bias goes in as delta_bias
+        y = self._scan(x[None], dt[None], B[None], C[None], z[None])[0]
+        return self._project(self.out_proj, y)
+
+    @staticmethod
+    def _project(linear: nn.Linear, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """`linear` applied to channel-first features (in, L) -> (out, L), as a 1x1 convolution."""
+        return F.conv1d(x[None], linear.weight[:, :, None], linear.bias if bias else None)[0]
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal depthwise convolution and SiLU over (batch, d_inner, L)."""
+        return F.silu(self.conv1d(x)[..., :x.shape[-1]])
+
+    def _scan(self, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              z: torch.Tensor) -> torch.Tensor:
+        """The selective scan over (batch, channels, L) inputs; (batch, d_inner, L) out."""
         A = -torch.exp(self.A_log.float())
-        y = selective_scan(
-            x.contiguous(), dt.contiguous(), A,
-            B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+        return selective_scan(
+            x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(),
             self.D.float(), z=z.contiguous(), delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
         )
-        return self.out_proj(y.transpose(1, 2))
 
 
 class ResidualMamba(nn.Module):

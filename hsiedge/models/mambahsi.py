@@ -33,8 +33,9 @@ class SpaMamba(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        seq = x.permute(0, 2, 3, 1).reshape(1, b * h * w, c)
-        out = self.mamba(seq).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        # channel-first (C, b*h*w): a view of the feature map when b == 1
+        seq = x.transpose(0, 1).reshape(c, b * h * w)
+        out = self.mamba.forward_channels_first(seq).reshape(c, b, h, w).transpose(0, 1)
         out = self.proj(out)
         return out + x if self.use_residual else out
 

@@ -18,7 +18,12 @@
  * The inner loop over N has no loop-carried dependency, so the compiler
  * vectorises it, expf included (glibc libmvec, enabled by -ffast-math at
  * compile time; the library is linked without it so the process's floating-
- * point mode is left alone).
+ * point mode is left alone).  The softplus of delta and the silu gate are
+ * computed for the whole block and tile at once, in fixed chunks of CHUNK
+ * values: short sequences (MambaHSI's spectral tokens, L = 4) would
+ * otherwise make them scalar calls, and fixed chunks give every value the
+ * same vector path wherever it sits, so results do not depend on how the
+ * work is split among threads.
  *
  * Threads are plain pthreads over contiguous ranges of items: this library
  * is loaded next to PyTorch's own OpenMP runtime and must not start another.
@@ -30,6 +35,7 @@
 #include <string.h>
 
 #define TIME_TILE 256
+#define CHUNK 16
 
 typedef struct {
     const float *u, *delta, *A, *B, *C, *D, *z, *delta_bias;
@@ -59,23 +65,37 @@ static inline __attribute__((always_inline)) void delta_to_dt(
     }
 }
 
-/* One channel over one time tile.  N is a parameter so that the call with a
- * literal 16 below is specialised (fully unrolled) after inlining.  The
- * softplus of delta and the silu gate are computed for the whole tile in
- * loops of their own, which the compiler vectorises. */
+/* In place over one chunk of CHUNK values: softplus, and x * sigmoid(x).  Kept
+ * out of line so that the compiler cannot fuse the chunks into one loop with a
+ * differently vectorised remainder. */
+static __attribute__((noinline)) void softplus_chunk(float *restrict c)
+{
+    for (int j = 0; j < CHUNK; ++j) c[j] = c[j] <= 20.0f ? log1pf(expf(c[j])) : c[j];
+}
+
+static __attribute__((noinline)) void silu_chunk(float *restrict c)
+{
+    for (int j = 0; j < CHUNK; ++j) c[j] = c[j] / (1.0f + expf(-c[j]));
+}
+
+/* fn over n values, n a multiple of CHUNK. */
+static void by_chunks(void (*fn)(float *restrict), float *x, int64_t n)
+{
+    for (int64_t i = 0; i < n; i += CHUNK) fn(x + i);
+}
+
+/* One channel over one time tile, given its dt.  N is a parameter so that the
+ * call with a literal 16 below is specialised (fully unrolled) after inlining. */
 static inline __attribute__((always_inline)) void scan_channel_tile(
     const scan_args *a, int64_t b, int64_t d, int64_t t0, int64_t tl,
     const float *restrict Bt, const float *restrict Ct, float *restrict h,
-    float *restrict dts, const float *restrict Ad, const int64_t N)
+    const float *restrict dts, const float *restrict Ad, const int64_t N)
 {
     const int64_t row = (b * a->dim + d) * a->L + t0;
     const float *restrict u = a->u + row;
-    const float *restrict dl = a->delta + row;
     float *restrict y = a->y + row;
-    const float bias = a->delta_bias ? a->delta_bias[d] : 0.0f;
     const float Dd = a->D ? a->D[d] : 0.0f;
 
-    delta_to_dt(dl, bias, a->softplus, tl, dts);
     for (int64_t t = 0; t < tl; ++t) {
         const float dt = dts[t], ut = u[t], dtu = dt * ut;
         const float *restrict Bn = Bt + t * N;
@@ -88,10 +108,22 @@ static inline __attribute__((always_inline)) void scan_channel_tile(
         }
         y[t] = acc + Dd * ut;
     }
-    if (a->z) {
-        const float *restrict zz = a->z + row;
-        for (int64_t t = 0; t < tl; ++t) y[t] *= zz[t] / (1.0f + expf(-zz[t]));
+}
+
+/* Rows [d0, d1) of x over one time tile, one after the other in buf, padded
+ * with zeros to a multiple of CHUNK; plus a per-row offset (delta's bias). */
+static int64_t gather_rows(const scan_args *a, const float *x, const float *offset, int64_t b,
+                           int64_t d0, int64_t d1, int64_t t0, int64_t tl, float *restrict buf)
+{
+    for (int64_t d = d0; d < d1; ++d) {
+        const float *restrict src = x + (b * a->dim + d) * a->L + t0;
+        float *restrict dst = buf + (d - d0) * tl;
+        const float o = offset ? offset[d] : 0.0f;
+        for (int64_t t = 0; t < tl; ++t) dst[t] = src[t] + o;
     }
+    const int64_t n = (d1 - d0) * tl, padded = (n + CHUNK - 1) / CHUNK * CHUNK;
+    for (int64_t i = n; i < padded; ++i) buf[i] = 0.0f;
+    return padded;
 }
 
 /* Run fn on n jobs of job_size bytes each: job 0 on the calling thread, the others on
@@ -116,13 +148,14 @@ static void *scan_worker(void *p)
     const scan_args *a = job->a;
     const int64_t N = a->N;
     const int64_t T = a->L < TIME_TILE ? a->L : TIME_TILE;
-    float *scratch = (float *)malloc(sizeof(float) * (size_t)(2 * T * N + T + a->chan_block * N));
+    const int64_t rows = (a->chan_block * T + CHUNK - 1) / CHUNK * CHUNK;
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)(2 * T * N + 2 * rows + a->chan_block * N));
     if (!scratch) {
         job->status = -1;
         return NULL;
     }
-    float *Bt = scratch, *Ct = scratch + T * N, *dts = scratch + 2 * T * N;
-    float *state = dts + T;
+    float *Bt = scratch, *Ct = scratch + T * N, *dts = scratch + 2 * T * N, *gate = dts + rows;
+    float *state = gate + rows;
 
     for (int64_t item = job->item_begin; item < job->item_end; ++item) {
         const int64_t blk = item % a->blocks_per_group;
@@ -144,13 +177,23 @@ static void *scan_worker(void *p)
                     Ct[t * N + n] = cs[t];
                 }
             }
+            const int64_t n = gather_rows(a, a->delta, a->delta_bias, b, d0, d1, t0, tl, dts);
+            if (a->softplus) by_chunks(softplus_chunk, dts, n);
             for (int64_t d = d0; d < d1; ++d) {
                 float *h = state + (d - d0) * N;
-                const float *Ad = a->A + d * N;
+                const float *Ad = a->A + d * N, *dt = dts + (d - d0) * tl;
                 if (N == 16)
-                    scan_channel_tile(a, b, d, t0, tl, Bt, Ct, h, dts, Ad, 16);
+                    scan_channel_tile(a, b, d, t0, tl, Bt, Ct, h, dt, Ad, 16);
                 else
-                    scan_channel_tile(a, b, d, t0, tl, Bt, Ct, h, dts, Ad, N);
+                    scan_channel_tile(a, b, d, t0, tl, Bt, Ct, h, dt, Ad, N);
+            }
+            if (a->z) {
+                by_chunks(silu_chunk, gate, gather_rows(a, a->z, NULL, b, d0, d1, t0, tl, gate));
+                for (int64_t d = d0; d < d1; ++d) {
+                    float *restrict y = a->y + (b * a->dim + d) * a->L + t0;
+                    const float *restrict g = gate + (d - d0) * tl;
+                    for (int64_t t = 0; t < tl; ++t) y[t] *= g[t];
+                }
             }
         }
     }
