@@ -72,6 +72,7 @@ class RuntimeSpec:
     speed_rank: int | Callable[[Bundle], int]
 
     def rank(self, bundle: Bundle) -> int:
+        """Where this runtime stands for `bundle` (lower: tried first by default)."""
         return self.speed_rank(bundle) if callable(self.speed_rank) else self.speed_rank
 
 
