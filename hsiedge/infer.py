@@ -51,14 +51,13 @@ QUEUE_DEPTH = 2
 # Runtime (its portable scan materialises (dim, L, N) per patch), so 256 took a streamed run
 # past 1 GB; 128 costs torch at most a tenth of its speed and makes ONNX Runtime faster.
 DEFAULT_BATCH = 128
-# Peak memory of a streamed MambaHSI run per tile pixel at hidden_dim 128, beyond the fixed
-# part below, measured on CPU with `hsiedge infer` on a 4.4 GB scene at tiles of 64-192
-# (README "Streaming inference"); ONNX Runtime's portable scan materialises (dim, L, N)
-# tensors.  Other runtimes keep activations on the GPU: the torch figure is used.
-IMAGE_BYTES_PER_PIXEL = {"torch": 22_000, "onnxruntime": 52_000}
-# The fixed part: the process with torch, onnxruntime, rasterio, a runner and the pipeline's
-# threads (measured; an ONNX Runtime session holds more); the GDAL block cache comes on top.
-RESIDENT_MIB = {"torch": 400, "onnxruntime": 480}
+# Peak memory of a streamed MambaHSI run, per runtime: (fixed MiB, bytes per tile pixel at
+# hidden_dim 128), measured on CPU with `hsiedge infer` on a 4.4 GB scene at tiles of 64-192
+# (README "Streaming inference").  The fixed part is the process with torch, onnxruntime,
+# rasterio, a runner and the pipeline's threads (an ONNX Runtime session holds more); the
+# GDAL block cache comes on top.  ONNX Runtime's portable scan materialises (dim, L, N)
+# tensors.  Other runtimes keep activations on the GPU: the torch figures are used.
+IMAGE_MEMORY = {"torch": (400, 22_000), "onnxruntime": (480, 52_000)}
 JOURNAL_VERSION = 1
 
 
@@ -138,12 +137,12 @@ def image_tile_for_budget(bundle: Bundle, runtime: str, memory_mib: float, heigh
     agree better with a whole-scene run.  The estimate depends only on its arguments, so a
     resumed run picks the same tiles."""
     artifacts = bundle.manifest["artifacts"].values()
-    resident = (RESIDENT_MIB.get(runtime, RESIDENT_MIB["torch"])
-                + 3 * sum(a.get("bytes", 0) for a in artifacts) / 2**20 + block_cache_mib())
+    fixed_mib, pixel_bytes = IMAGE_MEMORY.get(runtime, IMAGE_MEMORY["torch"])
+    resident = fixed_mib + 3 * sum(a.get("bytes", 0) for a in artifacts) / 2**20 + block_cache_mib()
     hidden = bundle.manifest["model"]["config"].get("hidden_dim", 128)
     bands = bundle.preprocessing.out_bands
     # the forward pass, plus the input tiles the queues hold (float32)
-    per_pixel = IMAGE_BYTES_PER_PIXEL.get(runtime, IMAGE_BYTES_PER_PIXEL["torch"]) * hidden / 128
+    per_pixel = pixel_bytes * hidden / 128
     per_pixel += (QUEUE_DEPTH + 2) * bands * 4
     room = (memory_mib - resident) * 2**20 / per_pixel  # tile pixels that fit
     mult = IMAGE_MULTIPLE

@@ -51,15 +51,19 @@ typedef struct {
     int status;
 } scan_job;
 
+/* softplus, linear above SOFTPLUS_LINEAR (where log1p(exp(x)) == x in float32). */
+#define SOFTPLUS_LINEAR 20.0f
+static inline __attribute__((always_inline)) float softplusf(float x)
+{
+    return x <= SOFTPLUS_LINEAR ? log1pf(expf(x)) : x;
+}
+
 /* dt_t = softplus(delta_t + bias) (or delta_t + bias) for t < n, as one vectorisable loop. */
 static inline __attribute__((always_inline)) void delta_to_dt(
     const float *restrict dl, float bias, int softplus, int64_t n, float *restrict dts)
 {
     if (softplus) {
-        for (int64_t t = 0; t < n; ++t) {
-            const float x = dl[t] + bias;
-            dts[t] = x <= 20.0f ? log1pf(expf(x)) : x;
-        }
+        for (int64_t t = 0; t < n; ++t) dts[t] = softplusf(dl[t] + bias);
     } else {
         for (int64_t t = 0; t < n; ++t) dts[t] = dl[t] + bias;
     }
@@ -70,7 +74,7 @@ static inline __attribute__((always_inline)) void delta_to_dt(
  * differently vectorised remainder. */
 static __attribute__((noinline)) void softplus_chunk(float *restrict c)
 {
-    for (int j = 0; j < CHUNK; ++j) c[j] = c[j] <= 20.0f ? log1pf(expf(c[j])) : c[j];
+    for (int j = 0; j < CHUNK; ++j) c[j] = softplusf(c[j]);
 }
 
 static __attribute__((noinline)) void silu_chunk(float *restrict c)
@@ -362,7 +366,7 @@ static void *bwd_worker(void *p)
                 sumD += gyt * ut;
                 ba->du[row + t] = gyt * Dd + dut * dt;
                 const float x = dl[t] + bias;
-                const float dd = (a->softplus && x <= 20.0f) ? ddt / (1.0f + expf(-x)) : ddt;
+                const float dd = (a->softplus && x <= SOFTPLUS_LINEAR) ? ddt / (1.0f + expf(-x)) : ddt;
                 ba->ddelta[row + t] = dd;
                 sumbias += dd;
             }
