@@ -10,11 +10,11 @@ STAMP    := $(VENV)/.hsiedge-installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,rtx]"
 	$(PY) -c "from hsiedge.ops import cpu; cpu.load(); print('selective-scan CPU kernel:', cpu.library_path())"
 	touch $@
 
-setup: $(STAMP)  ## create .venv, install torch 2.13 (CPU) and hsiedge with its dev tools
+setup: $(STAMP)  ## create .venv, install torch 2.13 (CPU), hsiedge with its dev tools and TensorRT for RTX
 
 lint: setup
 	$(VENV)/bin/ruff check .

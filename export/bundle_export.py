@@ -30,12 +30,6 @@ from hsiedge.models import count_parameters
 from hsiedge.parity import THRESHOLDS, ParityData, check_bundle, parity_data
 from hsiedge.tiling import IMAGE_MULTIPLE, PixelInputs, image_batch
 
-# TensorRT optimisation profile: patch batches of 1..ENGINE_BATCH (hsiedge infer's default
-# batch); MambaHSI tiles from 32 to 512 pixels a side, tuned for 256 (activations for the
-# largest tile must fit in an edge GPU's memory).
-ENGINE_BATCH = 128
-ENGINE_TILES = (32, 256, 512)
-
 SCANS = ("plugin", "portable")
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIB_PIXELS = 2048  # patch/pixel models: calibration samples drawn from the scene
@@ -126,34 +120,6 @@ def _versions() -> dict[str, str]:
             "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def _add_engine(writer: BundleWriter, graph: onnx.ModelProto, kind: str, patch: int, bands: int,
-                precision: str, scan: str, plugin_library: str | Path | None, batch: int,
-                output: Path) -> dict[str, Any]:
-    """Build the TensorRT engine into the unfinished bundle, with the plugin library it needs."""
-    import os
-
-    from hsiedge.export.engine import EngineBuildError, Profile, build_engine
-    from hsiedge.runtimes.tensorrt import PLUGIN_ENV
-
-    lib = plugin_library or os.environ.get(PLUGIN_ENV)
-    if scan == "plugin" and not lib:
-        raise ExportError("a plugin-mode graph needs the hsiedge TensorRT plugin library to build an "
-                          f"engine: pass --plugins PATH/libhsiedge_trt_plugins.so or set {PLUGIN_ENV} "
-                          "(plugins/README.md builds it), or export with --scan portable")
-    if lib and not Path(lib).is_file():
-        raise ExportError(f"{lib}: expected the hsiedge TensorRT plugin library, found no file")
-    profile = Profile.for_input(kind, bands, patch, batch, *ENGINE_TILES)
-    try:
-        data, info = build_engine(graph.SerializeToString(), profile, precision, Path(lib) if lib else None,
-                                  timing_cache=output.with_name(f"{output.name}.timing-cache"))
-    except EngineBuildError as e:
-        raise ExportError(str(e)) from None
-    writer.add("engine", data)
-    if lib:
-        writer.add("plugin", Path(lib))
-    return info
-
-
 def export_bundle(
     checkpoint: str | Path,
     output: str | Path,
@@ -166,12 +132,14 @@ def export_bundle(
     thresholds: dict[str, float] | None = None,
     force: bool = False,
     engine: bool = False,
+    target: str | None = None,
+    compute_capabilities: tuple[int, ...] | None = None,
     plugin_library: str | Path | None = None,
-    engine_batch: int = ENGINE_BATCH,
     on_step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write a verified bundle at `output`; return its manifest (with the parity results).
-    `engine`: also build a TensorRT engine (TensorRT and a GPU must be here) and check it too."""
+    `engine`: then also build a TensorRT engine for `target` into it (`bundle_engine.add_engine`);
+    where that engine can run here, its parity is checked and recorded too."""
     from hsiedge.export.int8 import CALIBRATION_METHODS, quantize_int8
     from hsiedge.export.precision import to_fp16
 
@@ -209,8 +177,9 @@ def export_bundle(
                        "samples": int(samples.shape[0]), "sample_shape": list(samples.shape[1:]),
                        "symmetric": True, "per_channel_weights": True,
                        "quantized_ops": ["Conv", "MatMul", "Gemm"], "format": "QDQ int8"}
-    if scan == "portable":
-        graph = portable.decompose(graph)
+    # plugin mode: the node stays Contract 2's, its portable body rides along as a model-local
+    # function (ONNX Runtime and other ONNX tools run the graph as it is)
+    graph = portable.decompose(graph) if scan == "portable" else portable.attach_functions(graph)
     onnx_model.check(graph)
 
     writer = BundleWriter(output)
@@ -261,17 +230,6 @@ def export_bundle(
         manifest["parity"] = report
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         writer.write_manifest(manifest)
-        if engine and (report["passed"] or force):
-            step("building the TensorRT engine")
-            manifest["engine"] = _add_engine(writer, graph, kind, patch, ckpt.preprocessing.out_bands,
-                                             precision, scan, plugin_library, engine_batch, Path(output))
-            bundle = writer.write_manifest(manifest)
-            step("parity: original vs TensorRT on the held-out pixels")
-            trt_report = check_bundle(bundle, pdata, ["tensorrt"], limits)
-            report["results"] += trt_report["results"]
-            report["passed"] = report["passed"] and trt_report["passed"]
-            report["forced"] = bool(force and not report["passed"])
-            writer.write_manifest(manifest)
         if not report["passed"] and not force:
             failing = "; ".join(c for r in report["results"] for c in r["failures"])
             raise ParityFailedError(f"the {precision} {scan} export fails parity ({failing}); "
@@ -280,4 +238,44 @@ def export_bundle(
     except BaseException:
         writer.discard()
         raise
+    if engine:
+        manifest = _engine_and_its_parity(Path(output), pdata, limits, target, compute_capabilities,
+                                          plugin_library, step)
+    return manifest
+
+
+def _engine_and_its_parity(output: Path, pdata: ParityData, limits: dict[str, float], target: str | None,
+                           compute_capabilities: tuple[int, ...] | None, plugin_library: str | Path | None,
+                           step: Callable[[str], None]) -> dict[str, Any]:
+    """Add the engine to the written bundle; check its parity where a TensorRT runner works here."""
+    from hsiedge.bundle import open_bundle, replace_manifest
+    from hsiedge.export.bundle_engine import add_engine
+    from hsiedge.export.engine import EngineBuildError
+    from hsiedge.runtimes import why_unavailable
+
+    step("building the TensorRT engine")
+    try:
+        entry = add_engine(output, target=target, compute_capabilities=compute_capabilities,
+                           plugins=plugin_library,
+                           on_phase=lambda p: step(f"building the TensorRT engine: {p}"))
+    except EngineBuildError as e:
+        raise ExportError(f"{e}; the ONNX bundle was written to {output}") from None
+    bundle = open_bundle(output)
+    manifest = dict(bundle.manifest)
+    why_not = why_unavailable(bundle, "tensorrt")
+    if why_not is not None:
+        manifest["engines"][entry["target"]]["parity"] = f"not checked at export: {why_not}"
+        replace_manifest(output, manifest)
+    else:
+        step("parity: original vs TensorRT on the held-out pixels")
+        trt_report = check_bundle(bundle, pdata, ["tensorrt"], limits)
+        report = dict(manifest["parity"])
+        report["results"] = report["results"] + trt_report["results"]
+        report["passed"] = report["passed"] and trt_report["passed"]
+        manifest["parity"] = report
+        replace_manifest(output, manifest)
+        if not trt_report["passed"]:
+            raise ParityFailedError(f"the TensorRT engine in {output} fails parity ("
+                                    + "; ".join(c for r in trt_report["results"] for c in r["failures"])
+                                    + "); the bundle keeps it, with the failure recorded", report)
     return manifest

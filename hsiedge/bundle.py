@@ -18,16 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hsiedge.atomic import publish_dir
+from hsiedge.atomic import atomic_path, publish_dir
 from hsiedge.preprocess import Chain
 
 SCHEMA = "hsiedge-bundle/1"
 INPUT_NAME = "x"  # the graph input: preprocessed patches, spectra or image tiles, float32
 OUTPUT_NAME = "logits"  # the graph output: per-pixel logits, float32
 MANIFEST = "manifest.json"
-# artifact kind -> file name inside the bundle
-ARTIFACT_FILES = {"checkpoint": "checkpoint.pt", "onnx": "model.onnx", "engine": "model.engine",
-                  "plugin": "libhsiedge_trt_plugins.so", "heldout": "heldout.npz"}
+# artifact kind -> file name inside the bundle (TensorRT engines and their plugin libraries,
+# "engine-<target>" / "plugin-<target>", are named by `hsiedge engine` after their content)
+ARTIFACT_FILES = {"checkpoint": "checkpoint.pt", "onnx": "model.onnx", "heldout": "heldout.npz"}
 
 # Distinct colours for class maps (tab20-like, written by hand); cycled past 20 classes.
 PALETTE = (
@@ -71,6 +71,11 @@ class Bundle:
 
     def has(self, kind: str) -> bool:
         return kind in self.manifest["artifacts"]
+
+    @property
+    def engines(self) -> dict[str, dict[str, Any]]:
+        """TensorRT engines by target ("rtx", "trt"): library, version, compute capabilities, profile..."""
+        return dict(self.manifest.get("engines") or {})
 
     @property
     def model_name(self) -> str:
@@ -151,9 +156,7 @@ class BundleWriter:
 
     def write_manifest(self, manifest: dict[str, Any]) -> Bundle:
         """Write the manifest (with the artifact table) into the unfinished bundle; return it opened."""
-        body = {"schema": SCHEMA, **manifest, "artifacts": self.artifacts}
-        (self.tmp / MANIFEST).write_text(json.dumps(body, indent=2, default=_plain) + "\n")
-        return Bundle(self.tmp, body)
+        return replace_manifest(self.tmp, {**manifest, "artifacts": self.artifacts})
 
     def commit(self) -> Path:
         """Move the finished bundle to `dest`, replacing an older bundle there only now."""
@@ -172,6 +175,14 @@ class BundleWriter:
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def replace_manifest(path: str | Path, manifest: dict[str, Any]) -> Bundle:
+    """Write `manifest` (with its artifact table) as the bundle's manifest.json in one rename."""
+    body = {"schema": SCHEMA, **{k: v for k, v in manifest.items() if k != "schema"}}
+    with atomic_path(Path(path) / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(body, indent=2, default=_plain) + "\n")
+    return Bundle(Path(path), body)
 
 
 def _plain(v: Any) -> Any:

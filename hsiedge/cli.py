@@ -10,6 +10,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hsiedge import __version__
@@ -27,7 +28,7 @@ err_console = Console(stderr=True)
 
 def fail(message: str) -> NoReturn:
     """One line on stderr, exit code 1."""
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -218,10 +219,16 @@ def export(
                                       "check (default: the checkpoint's training scene, test split)."),
     calib_key: str | None = typer.Option(None, "--calib-key", help="Array of a .mat --calib scene."),
     calib_method: str = typer.Option("percentile", help="int8 calibrator: percentile or entropy."),
-    engine: bool = typer.Option(False, "--engine", help="Also build a TensorRT engine and check it (needs "
-                                "TensorRT and a GPU)."),
-    plugins: Path | None = typer.Option(None, "--plugins", help="libhsiedge_trt_plugins.so for --engine "
-                                        "(default: $HSIEDGE_TRT_PLUGINS)."),
+    engine: bool = typer.Option(False, "--engine", help="Then also build a TensorRT engine into the bundle "
+                                "(as `hsiedge engine` does)."),
+    target: str | None = typer.Option(None, "--target", help="Engine target for --engine: rtx (TensorRT for "
+                                      "RTX, builds anywhere) or trt (TensorRT 10/11, on the device); "
+                                      "default: rtx where installed."),
+    compute_capability: list[int] = typer.Option(None, "--compute-capability", help="--target rtx: GPU "
+                                                 "compute capability to build for (repeat; default 80 86 89 "
+                                                 "120)."),
+    plugins: Path | None = typer.Option(None, "--plugins", help="libhsiedge_trt_plugins.so for --engine with "
+                                        "--scan plugin (default: $HSIEDGE_TRT_PLUGINS)."),
     force: bool = typer.Option(False, "--force", help="Write the bundle even if parity fails (recorded)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
@@ -229,23 +236,20 @@ def export(
     from hsiedge.checkpoint import CheckpointError
     from hsiedge.export.bundle_export import ExportError, ParityFailedError, export_bundle
 
-    no_engine = None
-    if engine:
-        from hsiedge.runtimes.tensorrt import why_not_here
-
-        no_engine = why_not_here()
     status = err_console.status("exporting", spinner="dots") if err_console.is_terminal else None
     if status:
         status.start()
     try:
         manifest = export_bundle(checkpoint, output, scan=scan, precision=precision, calib=calib,
                                  calib_key=calib_key, calib_method=calib_method, force=force,
-                                 engine=engine and no_engine is None, plugin_library=plugins,
+                                 engine=engine, target=target,
+                                 compute_capabilities=tuple(compute_capability or ()) or None,
+                                 plugin_library=plugins,
                                  on_step=(lambda s: status.update(s)) if status else None)
     except ParityFailedError as e:
         if status:
             status.stop()
-        console.print(_parity_table(e.report, "parity at export (bundle NOT written)"))
+        console.print(_parity_table(e.report, "parity at export"))
         fail(str(e))
     except (ExportError, CheckpointError) as e:
         if status:
@@ -261,8 +265,8 @@ def export(
             "forced"] else ""
         console.print(f"wrote {output} ({manifest['model']['name']}, {precision}, scan {scan}, "
                       f"{manifest['scan_calls']} scan calls, {manifest['export_seconds']:.1f} s){forced}")
-    if no_engine:
-        fail(f"no TensorRT engine built: {no_engine}; the ONNX bundle was written")
+        for t, e in (manifest.get("engines") or {}).items():
+            console.print(_engine_line(t, e))
 
 
 @app.command("parity-check")
@@ -367,6 +371,114 @@ def parity_check(
             console.print(_tiling_table(result))
     if not result["passed"]:
         fail(f"parity failed: {_failure_line(result)}")
+
+
+def _engine_line(target: str, e: dict) -> str:
+    ccs = e["compute_capabilities"]
+    ccs = ", ".join(f"SM{c}" for c in ccs) if isinstance(ccs, list) else ccs
+    plugin = f", plugin library sha256 {e['plugin']['sha256'][:12]}…" if e.get("plugin") else ""
+    return (f"engine {target}: {e['library']} {e['version']}, {ccs}, {e['precision']}, scan {e['scan']}, "
+            f"profile {_shape(e['profile']['min'])} … {_shape(e['profile']['max'])}, "
+            f"built in {e['build_seconds']:.1f} s{plugin}")
+
+
+def _shape(dims: list[int]) -> str:
+    return "x".join(str(d) for d in dims)
+
+
+@app.command()
+def engine(
+    bundle_path: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle directory (`hsiedge export`)."),
+    target: str | None = typer.Option(None, "--target", help="rtx: TensorRT for RTX, ahead of time on any "
+                                      "machine; trt: TensorRT 10/11 on the device itself (default: rtx "
+                                      "where installed, else trt)."),
+    compute_capability: list[int] = typer.Option(None, "--compute-capability", help="--target rtx: GPU "
+                                                 "compute capability to build for, e.g. 89 for the RTX 4090 "
+                                                 "(repeat; default 80 86 89 120)."),
+    plugins: Path | None = typer.Option(None, "--plugins", help="libhsiedge_trt_plugins.so, needed for "
+                                        "plugin-mode bundles (default: $HSIEDGE_TRT_PLUGINS); it is copied "
+                                        "into the bundle."),
+    min_shape: str | None = typer.Option(None, "--min", help="Smallest input shape, e.g. 1x198x32x32 "
+                                         "(default: what `hsiedge infer` feeds this bundle)."),
+    opt_shape: str | None = typer.Option(None, "--opt", help="Input shape to tune for."),
+    max_shape: str | None = typer.Option(None, "--max", help="Largest input shape."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest's engine entry as JSON."),
+) -> None:
+    """Build a TensorRT engine from a bundle's ONNX graph and add it to the bundle.
+
+    Needs no checkpoint and no torch: build on the device from a bundle made elsewhere, or
+    ahead of time for RTX GPUs on any machine.  The manifest is replaced atomically.
+    """
+    from hsiedge.bundle import BundleError, open_bundle
+    from hsiedge.export.bundle_engine import add_engine, default_profile
+    from hsiedge.export.engine import EngineBuildError, Profile, parse_shape
+
+    try:
+        bundle = open_bundle(bundle_path)
+    except BundleError as e:
+        fail(str(e))
+    profile = None
+    if min_shape or opt_shape or max_shape:
+        base = default_profile(bundle)
+        try:
+            lo = parse_shape(min_shape) if min_shape else base.min
+            hi = parse_shape(max_shape) if max_shape else base.max
+            profile = Profile(lo, parse_shape(opt_shape) if opt_shape else hi, hi)
+        except ValueError as e:
+            fail(f"{bundle_path}: {e}")
+    status = err_console.status("building the TensorRT engine", spinner="dots") \
+        if err_console.is_terminal else None
+    if status:
+        status.start()
+    try:
+        entry = add_engine(bundle_path, target=target, plugins=plugins, profile=profile,
+                           compute_capabilities=tuple(compute_capability or ()) or None,
+                           on_phase=(lambda p: status.update(f"building the TensorRT engine: {p}")) if status
+                           else None)
+    except (EngineBuildError, BundleError) as e:
+        if status:
+            status.stop()
+        fail(str(e))
+    if status:
+        status.stop()
+    if as_json:
+        typer.echo(json.dumps(entry, indent=2))
+    else:
+        console.print(f"{bundle_path}: added {_engine_line(entry['target'], entry)}")
+
+
+plugin_app = typer.Typer(help="The hsiedge TensorRT plugin library (SelectiveScan).", no_args_is_help=True)
+app.add_typer(plugin_app, name="plugin")
+
+
+@plugin_app.command("build")
+def plugin_build(
+    output: Path = typer.Option(Path("libhsiedge_trt_plugins.so"), "-o", "--output",
+                                help="Where to write the library."),
+    tensorrt_root: Path | None = typer.Option(None, "--tensorrt-root", help="Folder with include/NvInfer.h "
+                                              "(default: $TENSORRT_ROOT, else the system's TensorRT)."),
+    arch: list[str] = typer.Option(None, "--arch", help="CUDA architecture to build for (repeat; default: "
+                                   "80 86 89 120 and PTX, or 87 with --jetson)."),
+    jetson: bool = typer.Option(False, "--jetson", help="Build for Jetson Orin (sm_87)."),
+) -> None:
+    """Compile libhsiedge_trt_plugins.so from plugins/ with CMake and nvcc (needs TensorRT headers)."""
+    from hsiedge.export.plugin_library import PluginBuildError, build_plugin_library
+
+    status = err_console.status("building the plugin library", spinner="dots") if err_console.is_terminal \
+        else None
+    if status:
+        status.start()
+    try:
+        lib = build_plugin_library(output, tensorrt_root=tensorrt_root, archs=arch or None, jetson=jetson,
+                                   on_line=(lambda t: status.update(t[:100])) if status else None)
+    except PluginBuildError as e:
+        if status:
+            status.stop()
+        fail(str(e))
+    if status:
+        status.stop()
+    console.print(f"wrote {lib} ({lib.stat().st_size / 2**20:.1f} MiB); give it to "
+                  "`hsiedge engine --plugins`")
 
 
 @app.command()

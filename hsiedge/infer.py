@@ -146,8 +146,9 @@ def image_tile_for_budget(bundle: Bundle, runtime: str, memory_mib: float, heigh
     per_pixel += (QUEUE_DEPTH + 2) * bands * 4
     room = (memory_mib - resident) * 2**20 / per_pixel  # tile pixels that fit
     mult = IMAGE_MULTIPLE
-    # a TensorRT engine takes tiles up to its optimisation profile's largest
-    largest = ((bundle.manifest.get("engine") or {}).get("profile") or {}).get("max", [0])[-1]
+    # a TensorRT engine takes tiles up to its optimisation profile's largest (the smallest such
+    # bound over the bundle's engines, whichever of them the runner loads)
+    largest = min((e["profile"]["max"][-1] for e in bundle.engines.values()), default=0)
     cap = largest if runtime == "tensorrt" and largest else None
     whole_h, whole_w = -(-height // mult) * mult, -(-width // mult) * mult
     if whole_h * whole_w <= room and (cap is None or max(whole_h, whole_w) <= cap):

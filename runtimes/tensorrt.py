@@ -1,23 +1,23 @@
-"""The `tensorrt` runtime: the bundle's TensorRT engine, with the hsiedge plugin library loaded.
+"""The `tensorrt` runtime: one of the bundle's TensorRT engines, with its plugin library loaded.
 
-Written against the TensorRT 10 Python API (tensor-name I/O, `execute_async_v3`) with
-NVIDIA's cuda-python for the host side: device buffers and pinned host buffers that grow
-with the batch, one stream, asynchronous copies.  TensorRT is not installable on the
-machines this project is developed on, so this module has not run there; its tests run
-where `tensorrt` imports and a GPU exists and are skipped elsewhere with that reason.
+One runner for TensorRT 10, 11 and TensorRT for RTX (the same Python API family: tensor-name
+I/O, `execute_async_v3`).  It runs the bundle's `trt` engine where `tensorrt` is installed,
+else its `rtx` engine where TensorRT for RTX is, and loads the plugin library recorded with
+that engine (inside the bundle) before deserialising.  The host side is NVIDIA's
+cuda-python: device buffers and pinned host buffers that grow with the batch, one stream,
+asynchronous copies.  No machine this project is developed on has a GPU TensorRT can run
+on, so this module has not run; its tests skip elsewhere, naming what is missing.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import numpy as np
 
 from hsiedge.bundle import INPUT_NAME, OUTPUT_NAME, Bundle
 from hsiedge.runtimes.base import Runner, RuntimeSpec, RuntimeUnavailableError, register_runtime
-
-PLUGIN_ENV = "HSIEDGE_TRT_PLUGINS"
+from hsiedge.runtimes.trt_library import MODULES, TensorRTUnavailableError, tensorrt_library
 
 
 def _check(result):
@@ -32,12 +32,14 @@ def _pinned(ptr: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=shape)
 
 
-def plugin_library(bundle: Bundle) -> str | None:
-    """The plugin library to load: $HSIEDGE_TRT_PLUGINS, else the one next to the bundle's engine."""
-    env = os.environ.get(PLUGIN_ENV)
-    if env:
-        return env
-    return str(bundle.artifact("plugin")) if bundle.has("plugin") else None
+def engine_target(bundle: Bundle) -> str | None:
+    """The bundle engine this machine's TensorRT can load: `trt` with tensorrt, else `rtx`."""
+    import importlib.util
+
+    for target in ("trt", "rtx"):
+        if target in bundle.engines and any(importlib.util.find_spec(m) for m in MODULES[target]):
+            return target
+    return None
 
 
 class TensorRTRunner(Runner):
@@ -45,23 +47,29 @@ class TensorRTRunner(Runner):
 
     def __init__(self, bundle: Bundle, device: str | None = None) -> None:
         super().__init__(bundle)
-        import tensorrt as trt
         from cuda.bindings import runtime as cudart
 
+        self.target = engine_target(bundle)
+        if self.target is None:
+            raise RuntimeUnavailableError(_available(bundle) or f"{bundle.path}: no engine to run")
+        entry = bundle.engines[self.target]
+        try:
+            trt = tensorrt_library(self.target).module
+        except TensorRTUnavailableError as e:
+            raise RuntimeUnavailableError(str(e)) from None
         self._trt, self._cudart = trt, cudart
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        lib = plugin_library(bundle)
-        if bundle.manifest.get("plugin"):
-            if lib is None:
-                raise RuntimeUnavailableError(f"{bundle.path}: the engine needs the hsiedge plugin library; "
-                                         f"set {PLUGIN_ENV} to libhsiedge_trt_plugins.so")
-            self._runtime.get_plugin_registry().load_library(lib)
-        self.engine = self._runtime.deserialize_cuda_engine(bundle.artifact("engine").read_bytes())
+        plugin = entry.get("plugin")
+        lib = bundle.artifact(plugin["artifact"]) if plugin else None
+        if lib is not None and self._runtime.get_plugin_registry().load_library(str(lib)) is None:
+            raise RuntimeUnavailableError(f"{lib}: {entry['library']} could not load this plugin library")
+        engine_file = bundle.artifact(entry["artifact"])
+        self.engine = self._runtime.deserialize_cuda_engine(engine_file.read_bytes())
         if self.engine is None:
             raise RuntimeUnavailableError(
-                f"{bundle.artifact('engine')}: TensorRT could not deserialise the engine "
-                "(built by another TensorRT version or for another GPU?)")
+                f"{engine_file}: {entry['library']} could not deserialise the engine (it was built by "
+                f"{entry['library']} {entry['version']} for {entry['compute_capabilities']})")
         self.context = self.engine.create_execution_context()
         self._max_batch = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0]  # (min, opt, max)
         self.stream = _check(cudart.cudaStreamCreate())
@@ -79,7 +87,7 @@ class TensorRTRunner(Runner):
 
     @property
     def artifact(self) -> str:
-        return "engine"
+        return f"engine-{self.target}"
 
     def _grow(self, table: dict, name: str, nbytes: int, pinned: bool) -> int:
         ptr, size = table.get(name, (0, 0))
@@ -131,12 +139,14 @@ class TensorRTRunner(Runner):
         self.context = self.engine = None
 
 
-def why_not_here() -> str | None:
-    """None when TensorRT and cuda-python import and a GPU is visible, else the reason."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "TensorRT is not installed here (`import tensorrt` fails)"
+def why_not_here(target: str | None = None) -> str | None:
+    """None when a TensorRT library (for `target`, or any), cuda-python and a GPU are here, else why not."""
+    import importlib.util
+
+    targets = [target] if target else list(MODULES)
+    if not any(importlib.util.find_spec(m) for t in targets for m in MODULES[t]):
+        return (f"no TensorRT library to run engines is installed here (tried the modules "
+                f"{', '.join(m for t in targets for m in MODULES[t])})")
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
@@ -148,9 +158,13 @@ def why_not_here() -> str | None:
 
 
 def _available(bundle: Bundle) -> str | None:
-    if not bundle.has("engine"):
-        return f"{bundle.path}: the bundle carries no TensorRT engine (export with --engine)"
-    return why_not_here()
+    if not bundle.engines:
+        return f"{bundle.path}: the bundle carries no TensorRT engine (`hsiedge engine` adds one)"
+    target = engine_target(bundle)
+    if target is None:
+        return (f"{bundle.path}: its engines ({', '.join(sorted(bundle.engines))}) need a TensorRT library "
+                "that is not installed here")
+    return why_not_here(target)
 
 
 register_runtime(RuntimeSpec("tensorrt", TensorRTRunner, _available, speed_rank=0))

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SCAN_CALLS = {"spectralmamba": 1, "md2f-mamba": 3, "mambahsi": 6}  # scan calls per seed model
+EPOCHS = {"spectralmamba": 5, "md2f-mamba": 3, "mambahsi": 30}
 
 
 def datasets_dir() -> Path:
@@ -56,3 +58,58 @@ def np_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     if z is not None:
         y = y * z / (1.0 + np.exp(-z))
     return y
+
+
+@pytest.fixture(scope="session")
+def checkpoints(datasets, tmp_path_factory) -> dict[str, Path]:
+    """One checkpoint per model, trained by `hsiedge train` on the whole Jasper Ridge scene."""
+    from typer.testing import CliRunner
+
+    from hsiedge.cli import app
+
+    jasper = datasets / "jasper_ridge"
+    out = tmp_path_factory.mktemp("ckpt")
+    paths = {}
+    for model, epochs in EPOCHS.items():
+        path = out / f"{model}.pt"
+        res = CliRunner().invoke(app, ["train", model, "--scene", str(jasper / "JasperRidge2_R198.mat"),
+                                       "--labels", str(jasper / "_EndJasperRidge2_R198.mat"),
+                                       "--epochs", str(epochs), "-o", str(path)])
+        assert res.exit_code == 0, res.output
+        paths[model] = path
+    return paths
+
+
+@pytest.fixture(scope="session")
+def exported(checkpoints, tmp_path_factory):
+    """Export each (model, scan, precision) bundle once: the parity and engine tests share them."""
+    from hsiedge.export.bundle_export import export_bundle
+
+    made: dict[tuple[str, str, str], tuple[Path, dict]] = {}
+
+    def get(model: str, scan: str, precision: str) -> tuple[Path, dict]:
+        if (model, scan, precision) not in made:
+            out = tmp_path_factory.mktemp(f"{model}-{scan}-{precision}") / "b"
+            made[model, scan, precision] = out, export_bundle(checkpoints[model], out, scan=scan,
+                                                              precision=precision)
+        return made[model, scan, precision]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def trt_plugin_library(tmp_path_factory) -> Path:
+    """libhsiedge_trt_plugins.so: $HSIEDGE_TRT_PLUGINS, else built here where TensorRT headers are found."""
+    from hsiedge.export.plugin_library import PluginBuildError, build_plugin_library, tensorrt_include
+
+    given = os.environ.get("HSIEDGE_TRT_PLUGINS")
+    if given:
+        return Path(given)
+    if tensorrt_include() is None:
+        pytest.skip("no TensorRT headers here (set TENSORRT_ROOT to a folder with include/NvInfer.h): "
+                    "the plugin library cannot be compiled")
+    out = tmp_path_factory.mktemp("plugin")
+    try:
+        return build_plugin_library(out / "libhsiedge_trt_plugins.so", archs=["89"], build_dir=out / "build")
+    except PluginBuildError as e:
+        pytest.fail(f"the plugin library does not build: {e}")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import SCAN_CALLS
 from onnx import TensorProto, numpy_helper
 from typer.testing import CliRunner
 
@@ -24,25 +25,7 @@ from hsiedge.export import scan_node
 from hsiedge.export.bundle_export import ExportError, ParityFailedError, export_bundle
 from hsiedge.runtimes import default_runtime
 
-SCAN_CALLS = {"spectralmamba": 1, "md2f-mamba": 3, "mambahsi": 6}
-EPOCHS = {"spectralmamba": 5, "md2f-mamba": 3, "mambahsi": 30}
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def checkpoints(datasets, tmp_path_factory) -> dict[str, Path]:
-    """One checkpoint per model, trained by `hsiedge train` on the whole Jasper Ridge scene."""
-    jasper = datasets / "jasper_ridge"
-    out = tmp_path_factory.mktemp("ckpt")
-    paths = {}
-    for model, epochs in EPOCHS.items():
-        path = out / f"{model}.pt"
-        res = runner.invoke(app, ["train", model, "--scene", str(jasper / "JasperRidge2_R198.mat"),
-                                  "--labels", str(jasper / "_EndJasperRidge2_R198.mat"),
-                                  "--epochs", str(epochs), "-o", str(path)])
-        assert res.exit_code == 0, res.output
-        paths[model] = path
-    return paths
 
 
 def all_nodes(graph: onnx.GraphProto):
@@ -97,16 +80,16 @@ def check_int8(model: onnx.ModelProto) -> None:
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 @pytest.mark.parametrize("scan", ["plugin", "portable"])
 @pytest.mark.parametrize("model", list(SCAN_CALLS))
-def test_export_passes_parity(checkpoints, tmp_path, model, scan, precision):
-    manifest = export_bundle(checkpoints[model], tmp_path / "b", scan=scan, precision=precision)
+def test_export_passes_parity(exported, model, scan, precision):
+    path, manifest = exported(model, scan, precision)
     parity = manifest["parity"]
     assert parity["passed"] and not parity["forced"], parity["results"][0]["failures"]
     (result,) = parity["results"]
     assert result["runtime"] == "onnxruntime" and result["device"] == "cpu"
     assert result["figures"]["pixels"] > 9000  # the test split of Jasper Ridge, not a handful
     assert "delta_oa" in result["figures"]  # labels were there, so OA was compared
-    bundle = open_bundle(tmp_path / "b")
-    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # nothing half-written beside it
+    bundle = open_bundle(path)
+    assert [p.name for p in path.parent.iterdir()] == ["b"]  # nothing half-written beside it
     graph = onnx.load(str(bundle.artifact("onnx")))
     onnx.checker.check_model(graph, full_check=True)
     if scan == "plugin":
@@ -219,20 +202,6 @@ def test_wrong_schema_is_refused(bundle, tmp_path):
         open_bundle(copy)
 
 
-def test_export_cli_engine_without_tensorrt(checkpoints, tmp_path):
-    pytest.importorskip("onnx")
-    try:
-        import tensorrt  # noqa: F401
-
-        pytest.skip("TensorRT is installed here; this checks the message where it is not")
-    except ImportError:
-        pass
-    out = tmp_path / "b"
-    res = runner.invoke(app, ["export", str(checkpoints["spectralmamba"]), "-o", str(out), "--engine"])
-    assert res.exit_code == 1 and "TensorRT is not installed" in res.output
-    assert open_bundle(out).precision == "fp32"  # the ONNX bundle was still written
-
-
 def test_export_without_held_out_data_says_so(checkpoints, tmp_path):
     from hsiedge.checkpoint import load_checkpoint, save_checkpoint
 
@@ -251,14 +220,6 @@ def test_export_bad_options(checkpoints, tmp_path):
     assert res.exit_code == 1 and "--precision" in res.output
     res = runner.invoke(app, ["export", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "b")])
     assert res.exit_code == 1 and "not found" in res.output
-
-
-@pytest.mark.skipif("not __import__('importlib').util.find_spec('tensorrt')",
-                    reason="TensorRT is not installed here (its libraries are not on the package index)")
-def test_tensorrt_runner_needs_an_engine(bundle):
-    from hsiedge.runtimes import why_unavailable
-
-    assert "no TensorRT engine" in why_unavailable(open_bundle(bundle), "tensorrt")
 
 
 def test_dynamic_batch_and_tile_sides(checkpoints):
@@ -286,58 +247,3 @@ def test_dynamic_batch_and_tile_sides(checkpoints):
             ref = (model.full_resolution_logits(t) if name == "mambahsi" else model(t)).numpy()
         assert y.shape == ref.shape
         assert np.linalg.norm(y - ref) <= 1e-4 * np.linalg.norm(ref)
-
-
-def test_engine_profile_covers_what_infer_feeds():
-    from hsiedge.export.engine import Profile
-
-    p = Profile.for_input("patch", 30, 13, 128, 32, 256, 512)
-    assert (p.min, p.opt, p.max) == ((1, 30, 13, 13), (128, 30, 13, 13), (128, 30, 13, 13))
-    p = Profile.for_input("pixel", 103, 0, 64, 32, 256, 512)
-    assert (p.min, p.max) == ((1, 103), (64, 103))
-    p = Profile.for_input("image", 198, 0, 128, 32, 256, 512)
-    assert (p.min, p.opt, p.max) == ((1, 198, 32, 32), (1, 198, 256, 256), (1, 198, 512, 512))
-    assert p.to_dict()["max"] == [1, 198, 512, 512]
-
-
-def test_plugin_engine_without_the_plugin_library_says_so(monkeypatch, tmp_path):
-    """Checked before TensorRT is touched, so it holds on every machine."""
-    import onnx
-
-    from hsiedge.bundle import BundleWriter
-    from hsiedge.export.bundle_export import _add_engine
-
-    monkeypatch.delenv("HSIEDGE_TRT_PLUGINS", raising=False)
-    writer = BundleWriter(tmp_path / "b")
-    try:
-        with pytest.raises(ExportError, match="--plugins"):
-            _add_engine(writer, onnx.ModelProto(), "patch", 7, 103, "fp32", "plugin", None, 128,
-                        tmp_path / "b")
-        with pytest.raises(ExportError, match="found no file"):
-            _add_engine(writer, onnx.ModelProto(), "patch", 7, 103, "fp32", "plugin", tmp_path / "no.so", 128,
-                        tmp_path / "b")
-    finally:
-        writer.discard()
-
-
-def _tensorrt_and_gpu() -> str | None:
-    from hsiedge.runtimes.tensorrt import why_not_here
-
-    return why_not_here()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif("_tensorrt_and_gpu() is not None", reason="needs TensorRT, cuda-python and a CUDA GPU")
-@pytest.mark.parametrize("scan", ["portable", "plugin"])
-def test_engine_builds_and_matches_the_original(checkpoints, tmp_path, scan):
-    import os
-
-    if scan == "plugin" and not os.environ.get("HSIEDGE_TRT_PLUGINS"):
-        pytest.skip("set HSIEDGE_TRT_PLUGINS to the built libhsiedge_trt_plugins.so")
-    out = tmp_path / "b"
-    manifest = export_bundle(checkpoints["spectralmamba"], out, scan=scan, precision="fp16", engine=True)
-    b = open_bundle(out)
-    assert b.has("engine") and manifest["engine"]["profile"]["max"][0] == 128
-    assert (tmp_path / "b.timing-cache").is_file()
-    trt = [r for r in manifest["parity"]["results"] if r["runtime"] == "tensorrt"]
-    assert len(trt) == 1 and trt[0]["passed"], trt

@@ -310,7 +310,7 @@ def test_image_tile_stays_within_a_tensorrt_engines_profile(mh_bundle):
     from hsiedge.infer import Geometry
 
     b = open_bundle(mh_bundle)
-    with_engine = Bundle(b.path, {**b.manifest, "engine": {"profile": {"max": [1, 198, 64, 64]}}})
+    with_engine = Bundle(b.path, {**b.manifest, "engines": {"rtx": {"profile": {"max": [1, 198, 64, 64]}}}})
     # a budget the whole 100 x 100 scene fits in: torch takes it whole, the engine only 64-pixel tiles
     whole = Geometry.for_bundle(with_engine, runtime="torch", memory_mib=4000, scene_shape=(100, 100))
     capped = Geometry.for_bundle(with_engine, runtime="tensorrt", memory_mib=4000, scene_shape=(100, 100))

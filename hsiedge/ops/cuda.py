@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from hsiedge.ops.cpu import cache_dir
-from hsiedge.ops.native import NativeLibrary
+from hsiedge.ops.native import NativeLibrary, nvcc
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "plugins" / "selective_scan"
 SOURCES = (SOURCE_DIR / "selective_scan.cu", SOURCE_DIR / "selective_scan.h")
@@ -29,14 +28,6 @@ NVCC_FLAGS = ["-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC"]
 
 class CudaBuildError(RuntimeError):
     """The CUDA kernel could not be compiled or loaded here."""
-
-
-def nvcc() -> str | None:
-    """The nvcc to use: `$CUDA_HOME/bin/nvcc`, else the one on PATH."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and (Path(home) / "bin" / "nvcc").is_file():
-        return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
 
 
 def _arch_flags() -> list[str]:

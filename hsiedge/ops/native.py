@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import ctypes
+import os
+import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+
+def nvcc() -> str | None:
+    """The nvcc to use: `$CUDA_HOME/bin/nvcc`, else the one on PATH."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").is_file():
+        return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
 
 
 class NativeLibrary:

@@ -1,0 +1,121 @@
+"""Which TensorRT library serves a target, shared by the engine builder and the TensorRT runner.
+
+Two targets, three libraries, one Python API family:
+
+- `rtx`: TensorRT for RTX, module `tensorrt_rtx_bindings` (the package-index wheel) or
+  `tensorrt_rtx` (NVIDIA's own packaging, which Polygraphy imports);
+- `trt`: TensorRT 10 or 11, module `tensorrt` (JetPack 6 on Jetson Orin, workstations).
+
+TensorRT for RTX's ONNX parser `dlopen`s `libtensorrt_rtx.so` by its unversioned name when it
+maps a node to a plugin; the wheel ships only `libtensorrt_rtx.so.1`, and the failed dlopen
+ends the process (std::terminate).  The wheel's libraries carry RPATH `$ORIGIN`, so the name
+resolves once a link of that name sits next to the versioned library: hsiedge makes that
+link itself the first time it loads TensorRT for RTX, so users never make one by hand.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+TARGETS = ("rtx", "trt")
+# Module names per target, in the order tried.
+MODULES = {"rtx": ("tensorrt_rtx_bindings", "tensorrt_rtx"), "trt": ("tensorrt",)}
+UNVERSIONED = "libtensorrt_rtx.so"
+PLUGIN_ENV = "HSIEDGE_TRT_PLUGINS"  # the plugin library to build with when --plugins is not given
+# The GPUs an `rtx` engine is built for by default: A100-class, RTX 30, RTX 40 (the RTX 4090), RTX 50.
+PORTABLE_CCS = (80, 86, 89, 120)
+
+
+class TensorRTUnavailableError(RuntimeError):
+    """No TensorRT library for a target here, or it cannot be made usable; one sentence says why."""
+
+
+@dataclass(frozen=True)
+class TensorRTLibrary:
+    """The TensorRT module serving one target, and what the manifest records about it."""
+
+    target: str
+    module: ModuleType
+
+    @property
+    def name(self) -> str:
+        return "tensorrt_rtx" if self.target == "rtx" else "tensorrt"
+
+    @property
+    def version(self) -> str:
+        return str(self.module.__version__)
+
+
+def tensorrt_library(target: str) -> TensorRTLibrary:
+    """Import the TensorRT module for `target` ("rtx" or "trt")."""
+    if target not in TARGETS:
+        raise TensorRTUnavailableError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    for name in MODULES[target]:
+        if importlib.util.find_spec(name) is None:
+            continue
+        module = importlib.import_module(name)
+        if target == "rtx":
+            ensure_unversioned_rtx_library(module)
+        return TensorRTLibrary(target, module)
+    install = ("pip install 'hsiedge[rtx]' installs TensorRT for RTX from the package index"
+               if target == "rtx" else "TensorRT 10/11 comes with JetPack or NVIDIA's TensorRT packages")
+    raise TensorRTUnavailableError(f"no TensorRT library for target {target!r} is installed here "
+                                   f"(tried the modules {', '.join(MODULES[target])}); {install}")
+
+
+def available_targets() -> list[str]:
+    """The targets whose TensorRT module is installed here, `rtx` first."""
+    return [t for t in TARGETS if any(importlib.util.find_spec(m) for m in MODULES[t])]
+
+
+def default_target() -> str:
+    """`rtx` where TensorRT for RTX is installed (it builds on any machine), else `trt`."""
+    found = available_targets()
+    if not found:
+        raise TensorRTUnavailableError(
+            "no TensorRT library is installed here: pip install 'hsiedge[rtx]' for TensorRT for RTX "
+            "(builds engines on any machine), or use a TensorRT 10/11 install with --target trt")
+    return found[0]
+
+
+def _libs_dir(module: ModuleType) -> Path | None:
+    """The folder holding libtensorrt_rtx.so.1 for this module (None: not a wheel install)."""
+    folders = [Path(module.__file__).parent]
+    libs = getattr(module, "tensorrt_rtx_libs", None)
+    if libs is not None and getattr(libs, "__file__", None):
+        folders.insert(0, Path(libs.__file__).parent)
+    for folder in folders:
+        if (folder / f"{UNVERSIONED}.1").is_file():
+            return folder
+    return None
+
+
+def ensure_unversioned_rtx_library(module: ModuleType) -> Path | None:
+    """Create `libtensorrt_rtx.so -> libtensorrt_rtx.so.1` next to the wheel's library if missing.
+
+    Returns the link, or None where the library is not a wheel install.  Idempotent, and safe
+    when several processes do it at once (link under a private name, then rename).
+    """
+    folder = _libs_dir(module)
+    if folder is None:
+        return None
+    link = folder / UNVERSIONED
+    if link.exists():
+        return link
+    tmp = folder / f".{UNVERSIONED}.{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(f"{UNVERSIONED}.1")
+        os.replace(tmp, link)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise TensorRTUnavailableError(
+            f"{link}: TensorRT for RTX needs this link to libtensorrt_rtx.so.1 to use plugins, and hsiedge "
+            f"could not create it ({e.strerror}); ask the owner of that folder to run "
+            f"`ln -s libtensorrt_rtx.so.1 {link}`") from None
+    return link
