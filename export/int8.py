@@ -7,7 +7,9 @@ every tensor it reads and the normalisations stay in float (TensorRT fuses Q/DQ 
 int8 convolutions and GEMMs and runs the rest at the precision it is given).
 
 Calibration runs the graph, and ONNX Runtime has no SelectiveScan kernel, so the graph is
-calibrated and quantized in its portable form and the plugin nodes are then put back.
+calibrated and quantized with its model-local SelectiveScan functions attached (ONNX Runtime
+runs the node through them; the calibrator and quantizer see only the model's own nodes, not
+the scan's internals), and returned without them, a plain plugin-mode graph again.
 """
 
 from __future__ import annotations
@@ -87,9 +89,6 @@ def quantize_int8(model: onnx.ModelProto, samples: np.ndarray, batch: int = 256,
     (patches, spectra or image tiles, stacked on axis 0), fed `batch` at a time."""
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {sorted(CALIBRATION_METHODS)}, got {method!r}")
-    plugin_nodes = [onnx.NodeProto() for _ in scan_node.scan_nodes(model)]
-    for copy, node in zip(plugin_nodes, scan_node.scan_nodes(model), strict=True):
-        copy.CopyFrom(node)
     keep_float = _scan_tensors(model)
     extra = {
         "ActivationSymmetric": True, "WeightSymmetric": True,
@@ -103,7 +102,7 @@ def quantize_int8(model: onnx.ModelProto, samples: np.ndarray, batch: int = 256,
         extra["CalibPercentile"] = PERCENTILE
     with tempfile.TemporaryDirectory(prefix="hsiedge-int8-") as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
-        onnx.save(portable.decompose(model), src)
+        onnx.save(portable.attach_functions(model), src)
         cwd = os.getcwd()
         os.chdir(tmp)  # the calibrator writes its augmented model into the working directory
         root = logging.getLogger()
@@ -121,7 +120,7 @@ def quantize_int8(model: onnx.ModelProto, samples: np.ndarray, batch: int = 256,
             root.setLevel(level)
         quantized = onnx.load(str(dst))
     _unquantize(quantized, keep_float)
-    return portable.recompose(quantized, plugin_nodes) if plugin_nodes else quantized
+    return portable.detach_functions(quantized)
 
 
 def _unquantize(model: onnx.ModelProto, names: set[str]) -> None:

@@ -1,9 +1,10 @@
 """The `onnxruntime` runtime: the bundle's ONNX graph in ONNX Runtime.
 
 Execution providers: TensorRT and CUDA when this onnxruntime build has them, CPU always.
-ONNX Runtime has no kernel for the `SelectiveScan` node of plugin-mode graphs, so on the
-CUDA and CPU providers the node is replaced, when the session is created, by its portable
-decomposition (the same standard-op graph `--scan portable` exports).  The TensorRT provider
+ONNX Runtime has no kernel for the `SelectiveScan` node of plugin-mode graphs: bundles carry
+it as a model-local function whose body is its portable decomposition, which ONNX Runtime
+inlines, so the graph runs as it is.  Older bundles without that function have the node
+replaced, when the session is created, by the same decomposition.  The TensorRT provider
 runs the node through the hsiedge plugin library instead, when it is given one
 (`HSIEDGE_TRT_PLUGINS`, or `trt_extra_plugin_lib_paths`).
 """
@@ -47,7 +48,9 @@ class OnnxRuntimeRunner(Runner):
         if device == "cpu":
             providers = ["CPUExecutionProvider"]
         first = providers[0] if isinstance(providers[0], str) else providers[0][0]
-        self._substituted = self._plugin_graph and first != "TensorrtExecutionProvider"
+        by_onnxruntime = self._plugin_graph and first != "TensorrtExecutionProvider"
+        self._substituted = by_onnxruntime and not portable.runs_as_is(model)
+        self._as_function = by_onnxruntime and not self._substituted
         if self._substituted:
             model = portable.decompose(model)
         opts = ort.SessionOptions()
@@ -76,7 +79,9 @@ class OnnxRuntimeRunner(Runner):
 
     @property
     def notes(self) -> str:
-        return "SelectiveScan run as its portable decomposition" if self._substituted else ""
+        if self._substituted:
+            return "SelectiveScan run as its portable decomposition"
+        return "SelectiveScan run as its model-local function (portable body)" if self._as_function else ""
 
     def run(self, x: np.ndarray) -> np.ndarray:
         (y,) = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
