@@ -45,7 +45,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from hsiedge.export import onnx_model, portable
+from hsiedge.export import onnx_model, portable, scan_functions
 from hsiedge.models.registry import build_model
 
 TAG = "/portable/"  # every node of a decomposition is named <scan node>/portable/... (export/portable.py)
@@ -158,7 +158,7 @@ def bench_model(name: str, args: argparse.Namespace) -> tuple[list[Form], list[f
     plugin = onnx_model.torch_to_onnx(model)
     forms = [Form("per-step", portable.decompose(plugin, form="per-step"))]
     forms += [Form(f"chunked T={t}", portable.decompose(plugin, chunk=t)) for t in args.chunks]
-    forms.append(Form(f"function T={portable.CHUNK}", portable.attach_functions(plugin)))
+    forms.append(Form(f"function T={portable.CHUNK}", scan_functions.attach_functions(plugin)))
     forward = torch_forward(model)
     xt = torch.from_numpy(x)
     with torch.inference_mode():

@@ -24,7 +24,7 @@ import torch
 from hsiedge import __version__
 from hsiedge.bundle import INPUT_NAME, OUTPUT_NAME, BundleWriter, class_table
 from hsiedge.checkpoint import Checkpoint, load_checkpoint
-from hsiedge.export import onnx_model, portable, scan_node
+from hsiedge.export import onnx_model, portable, scan_functions, scan_node
 from hsiedge.export.onnx_model import ExportError
 from hsiedge.models import count_parameters
 from hsiedge.parity import THRESHOLDS, ParityData, check_bundle, parity_data
@@ -179,7 +179,7 @@ def export_bundle(
                        "quantized_ops": ["Conv", "MatMul", "Gemm"], "format": "QDQ int8"}
     # plugin mode: the node stays Contract 2's, its portable body rides along as a model-local
     # function (ONNX Runtime and other ONNX tools run the graph as it is)
-    graph = portable.decompose(graph) if scan == "portable" else portable.attach_functions(graph)
+    graph = portable.decompose(graph) if scan == "portable" else scan_functions.attach_functions(graph)
     onnx_model.check(graph)
 
     writer = BundleWriter(output)

@@ -32,7 +32,7 @@ from onnxruntime.quantization import (
 )
 
 from hsiedge.bundle import INPUT_NAME
-from hsiedge.export import portable, scan_node
+from hsiedge.export import scan_functions, scan_node
 
 CALIBRATION_METHODS = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
@@ -102,7 +102,7 @@ def quantize_int8(model: onnx.ModelProto, samples: np.ndarray, batch: int = 256,
         extra["CalibPercentile"] = PERCENTILE
     with tempfile.TemporaryDirectory(prefix="hsiedge-int8-") as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
-        onnx.save(portable.attach_functions(model), src)
+        onnx.save(scan_functions.attach_functions(model), src)
         cwd = os.getcwd()
         os.chdir(tmp)  # the calibrator writes its augmented model into the working directory
         root = logging.getLogger()
@@ -120,7 +120,7 @@ def quantize_int8(model: onnx.ModelProto, samples: np.ndarray, batch: int = 256,
             root.setLevel(level)
         quantized = onnx.load(str(dst))
     _unquantize(quantized, keep_float)
-    return portable.detach_functions(quantized)
+    return scan_functions.detach_functions(quantized)
 
 
 def _unquantize(model: onnx.ModelProto, names: set[str]) -> None:

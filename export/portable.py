@@ -3,7 +3,7 @@
 One decomposition serves three uses: `--scan portable` exports (`decompose`); the body of the
 model-local function `hsiedge:SelectiveScan` that plugin-mode graphs carry, so that ONNX
 Runtime (the parity check and the onnxruntime runner, int8 calibration) and any ONNX tool run
-them as they are (`attach_functions`); and running older plugin-mode graphs without those
+them as they are (`scan_functions.attach_functions`); and running older plugin-mode graphs without those
 functions in ONNX Runtime.  Everything is computed in float32 and the output is cast to u's
 type (Contract 1).
 
@@ -30,16 +30,8 @@ transposes are 2-D ones.  The largest temporaries hold one step of every chunk,
 them alive in ONNX Runtime (see `_recurrence`).  Cost per state element: 2 exps and about
 ten elementwise ops, against 1 exp for the sequential scan.
 
-Functions.  `attach_functions` gives a plugin-mode model one FunctionProto per distinct call
-signature (static dim, N, groups, short L, dtypes, optional inputs, softplus), told apart by
-the IR-10 `overload` field that each node then names; its body is exactly the specialised
-decomposition above.  TensorRT's ONNX parser ignores `overload` and imports the first
-function of that name for every call (measured with TensorRT-RTX 1.7), so the first function
-is a generic body: every size read from the tensors at run time, B/C grouped or not,
-delta_softplus read through an attribute reference, the output cast like u; it needs all
-eight inputs (that parser rejects absent inputs of function calls).  The parser imports a
-function only where no plugin takes the node: one carrying `plugin_namespace` (Contract 2's
-do) goes to a registered plugin of its name first.
+Functions.  `scan_functions.py` wraps the same decomposition as the model-local functions
+that plugin-mode graphs carry.
 """
 
 from __future__ import annotations
@@ -52,12 +44,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from hsiedge.export import scan_node
-from hsiedge.export.onnx_model import topological
 
 CHUNK = 64  # T: time steps per chunk (bench/scan_forms.py)
 FORMS = ("chunked", "per-step")  # per-step: one ONNX Scan over all L steps (earlier versions; for comparison)
-FUNCTION_OPSET = 18
-MIN_IR_VERSION = 10  # FunctionProto.overload / NodeProto.overload
 _TAG = "/portable/"
 _F = TensorProto.FLOAT
 _ROLES_T = ("u", "delta", "B", "C", "z")  # the inputs typed like u
@@ -99,7 +88,7 @@ GENERIC = ScanSpec(None, None, None, None, (None,) * len(_ROLES_T),
                    frozenset(scan_node.OPTIONAL_INPUTS), None)
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, list]]:
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, list]]:
     """Tensor name -> (element type, dims as int or str) from inputs, value_info and initializers."""
     out: dict[str, tuple[int, list]] = {}
     for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output):
@@ -131,7 +120,7 @@ def node_spec(node: onnx.NodeProto, shapes: dict[str, tuple[int, list]]) -> Scan
                     softplus=scan_node.delta_softplus(node))
 
 
-class _Builder:
+class Builder:
     """Nodes (and, in a graph, initializers) of one decomposition, all named under one prefix.
 
     In a function body there are no initializers: constants become Constant nodes.
@@ -193,7 +182,7 @@ class _Builder:
         return self.op("Shape", [tensor], start=axis, end=axis + 1)
 
 
-def _softplus(b: _Builder, x: str) -> str:
+def _softplus(b: Builder, x: str) -> str:
     """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), log1p(e) = log(u) - ((u - 1) - e) / u with
     u = 1 + e: within 4 ulp of the exact value for every float32 x, no overflow, and in ONNX
     Runtime 2.5x faster than its Softplus op (whose x > 20 cut-off torch shares: there both
@@ -205,11 +194,11 @@ def _softplus(b: _Builder, x: str) -> str:
     return b.op("Add", [b.op("Relu", [x]), log1p])
 
 
-def _f32(b: _Builder, name: str, elem: int | None) -> str:
+def _f32(b: Builder, name: str, elem: int | None) -> str:
     return name if elem == _F else b.op("Cast", [name], to=_F)
 
 
-def _emit(b: _Builder, io: dict[str, str], spec: ScanSpec, out: str, chunk: int = CHUNK,
+def emit(b: Builder, io: dict[str, str], spec: ScanSpec, out: str, chunk: int = CHUNK,
           form: str = "chunked") -> None:
     """Nodes computing Contract 1 from the tensors named in `io` into `out`."""
     t = dict(zip(_ROLES_T, spec.types, strict=True))
@@ -262,7 +251,7 @@ def chunking(length: int | None, chunk: int = CHUNK) -> tuple[int, int | None]:
     return math.ceil(length / chunks), chunks
 
 
-def _sizes(b: _Builder, u: str, A: str, Bg: str, spec: ScanSpec) -> tuple:
+def _sizes(b: Builder, u: str, A: str, Bg: str, spec: ScanSpec) -> tuple:
     """(groups, channels per group, dim, N): static ints where the spec knows them, else
     1-element tensors read at run time."""
     if spec.dim is not None and spec.groups is not None:
@@ -272,7 +261,7 @@ def _sizes(b: _Builder, u: str, A: str, Bg: str, spec: ScanSpec) -> tuple:
     return groups, b.op("Div", [dim, groups]), dim, (spec.N if spec.N is not None else b.dim_of(A, 1))
 
 
-def _recurrence(b: _Builder, u: str, dt: str, A: str, Bg: str, Cg: str, spec: ScanSpec,
+def _recurrence(b: Builder, u: str, dt: str, A: str, Bg: str, Cg: str, spec: ScanSpec,
                 chunk: int = CHUNK) -> str:
     """h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t ; y_t = <h_t, C_t>, float32 (b, dim, L) out.
 
@@ -354,7 +343,7 @@ def _recurrence(b: _Builder, u: str, dt: str, A: str, Bg: str, Cg: str, spec: Sc
     return y
 
 
-def _carry(b: _Builder, decay: str, last: str, chunks: int | None) -> str:
+def _carry(b: Builder, decay: str, last: str, chunks: int | None) -> str:
     """The state entering each chunk, (nc, 1, b, G, N, dpg), from each chunk's total decay and
     final state from zero: s_0 = 0, s_{c+1} = decay_c * s_c + last_c."""
     if chunks is not None:  # static: unrolled
@@ -377,7 +366,7 @@ def _carry(b: _Builder, decay: str, last: str, chunks: int | None) -> str:
     return entering
 
 
-def _per_step(b: _Builder, u: str, dt: str, A: str, Bg: str, Cg: str, spec: ScanSpec,
+def _per_step(b: Builder, u: str, dt: str, A: str, Bg: str, Cg: str, spec: ScanSpec,
               chunk: int = CHUNK) -> str:
     """The form of earlier versions, kept for comparison (bench/scan_forms.py): one ONNX Scan
     over all L time steps carrying the (b, G, dim/G, N) state, B_t and C_t unsqueezed in its body."""
@@ -387,7 +376,7 @@ def _per_step(b: _Builder, u: str, dt: str, A: str, Bg: str, Cg: str, spec: Scan
     At = b.op("Reshape", [A, b.shape([groups, dpg, N])])  # (G, dpg, N)
     state = b.op("Concat", [b.op("Shape", [dt4], start=0, end=3), b.shape([N])], axis=0)
     h0 = b.op("ConstantOfShape", [state], value=_ZERO)
-    body = _Builder(b.prefix + "/step")
+    body = Builder(b.prefix + "/step")
     last, ax2 = b.ints([-1]), b.ints([2])  # outer-scope constants, visible in the body
     dA = body.op("Exp", [body.op("Mul", [body.op("Unsqueeze", ["dt_t", last]), At])])
     dBu = body.op("Mul", [body.op("Unsqueeze", ["du_t", last]), body.op("Unsqueeze", ["B_t", ax2])])
@@ -419,12 +408,12 @@ def decompose(model: onnx.ModelProto, *, chunk: int = CHUNK, form: str = "chunke
         raise ValueError(f"chunk must be at least 1, got {chunk}")
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    shapes = _shapes(out)
+    shapes = tensor_shapes(out)
     nodes, inits = [], []
     for i, node in enumerate(out.graph.node):
         if _is_scan(node):
-            b = _Builder(node.name or f"SelectiveScan_{i}")
-            _emit(b, scan_node.node_inputs(node), node_spec(node, shapes), node.output[0], chunk, form)
+            b = Builder(node.name or f"SelectiveScan_{i}")
+            emit(b, scan_node.node_inputs(node), node_spec(node, shapes), node.output[0], chunk, form)
             nodes.extend(b.nodes)
             inits.extend(b.inits)
         else:
@@ -432,96 +421,15 @@ def decompose(model: onnx.ModelProto, *, chunk: int = CHUNK, form: str = "chunke
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(inits)
-    _drop_functions(out)
+    drop_functions(out)
     kept = [o for o in out.opset_import if o.domain != scan_node.DOMAIN]
     del out.opset_import[:]
     out.opset_import.extend(kept)
     return out
 
 
-def _drop_functions(model: onnx.ModelProto) -> None:
+def drop_functions(model: onnx.ModelProto) -> None:
+    """Remove the model's `hsiedge:SelectiveScan` functions (in place)."""
     keep = [f for f in model.functions if (f.domain, f.name) != (scan_node.DOMAIN, scan_node.OP_TYPE)]
     del model.functions[:]
     model.functions.extend(keep)
-
-
-def function(spec: ScanSpec) -> onnx.FunctionProto:
-    """The model-local function `hsiedge:SelectiveScan` whose body decomposes calls of `spec`
-    (GENERIC: any call with all eight inputs given)."""
-    b = _Builder("f", inline_constants=True)
-    io = {r: (r if r not in scan_node.OPTIONAL_INPUTS or r in spec.present else "") for r in scan_node.INPUTS}
-    _emit(b, io, spec, "y")
-    return helper.make_function(
-        scan_node.DOMAIN, scan_node.OP_TYPE, list(scan_node.INPUTS), ["y"], b.nodes,
-        [helper.make_opsetid("", FUNCTION_OPSET)],
-        attributes=["delta_softplus", "plugin_version", "plugin_namespace"],
-        doc_string="hsiedge selective scan (Contract 1) in standard ONNX ops; TensorRT runs the "
-                   "registered hsiedge plugin instead",
-        overload="" if spec.generic else spec.overload())
-
-
-def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of a plugin-mode model that carries `hsiedge:SelectiveScan` as model-local
-    functions: the generic body first (what TensorRT's parser imports when no plugin is
-    registered), then one overload per call signature, named by each node's `overload`."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    _drop_functions(out)
-    shapes = _shapes(out)
-    specs: dict[str, ScanSpec] = {}
-    for node in scan_node.scan_nodes(out):
-        spec = node_spec(node, shapes)
-        node.overload = spec.overload()
-        specs.setdefault(node.overload, spec)
-    if not specs:
-        return out
-    out.functions.extend([function(GENERIC), *(function(s) for s in specs.values())])
-    out.ir_version = max(out.ir_version, MIN_IR_VERSION)
-    if not any(o.domain == scan_node.DOMAIN for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid(scan_node.DOMAIN, scan_node.OPSET_VERSION))
-    return out
-
-
-def detach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` without its SelectiveScan functions and the nodes' overload names (the
-    plain plugin-mode graph `attach_functions` started from)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    _drop_functions(out)
-    for node in scan_node.scan_nodes(out):
-        node.overload = ""
-    return out
-
-
-def runs_as_is(model: onnx.ModelProto) -> bool:
-    """Whether every SelectiveScan node of `model` resolves to a model-local function, so ONNX
-    Runtime runs the model unchanged."""
-    have = {(f.domain, f.name, f.overload) for f in model.functions}
-    return all((n.domain, n.op_type, n.overload) in have for n in scan_node.scan_nodes(model))
-
-
-def recompose(model: onnx.ModelProto, plugin_nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
-    """Undo `decompose` on a graph derived from its output (e.g. quantized): the plugin nodes return.
-
-    Every tensor the plugin nodes read must still exist under its name; the graph is then
-    sorted topologically again.
-    """
-    prefixes = tuple(n.name + _TAG for n in plugin_nodes)
-    keep = [n for n in model.graph.node if not n.name.startswith(prefixes)]
-    produced = {o for n in keep for o in n.output} | {i.name for i in model.graph.input} | {
-        i.name for i in model.graph.initializer}
-    for node in plugin_nodes:
-        lost = [t for t in node.input if t and t not in produced]
-        if lost:
-            raise ValueError(f"{node.name}: inputs {lost} no longer exist in the transformed graph")
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    out.graph.node.extend([*keep, *plugin_nodes])
-    used = {t for n in out.graph.node for t in n.input}
-    inits = [i for i in out.graph.initializer if i.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(inits)
-    if not any(o.domain == scan_node.DOMAIN for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid(scan_node.DOMAIN, scan_node.OPSET_VERSION))
-    return topological(out)

@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from hsiedge.bundle import INPUT_NAME, Bundle
-from hsiedge.export import portable, scan_node
+from hsiedge.export import portable, scan_functions, scan_node
 from hsiedge.runtimes.base import Runner, RuntimeSpec, register_runtime
 
 PLUGIN_ENV = "HSIEDGE_TRT_PLUGINS"
@@ -49,7 +49,7 @@ class OnnxRuntimeRunner(Runner):
             providers = ["CPUExecutionProvider"]
         first = providers[0] if isinstance(providers[0], str) else providers[0][0]
         by_onnxruntime = self._plugin_graph and first != "TensorrtExecutionProvider"
-        self._substituted = by_onnxruntime and not portable.runs_as_is(model)
+        self._substituted = by_onnxruntime and not scan_functions.runs_as_is(model)
         self._as_function = by_onnxruntime and not self._substituted
         if self._substituted:
             model = portable.decompose(model)

@@ -13,7 +13,7 @@ import pytest
 from conftest import np_selective_scan
 from onnx import TensorProto, helper, numpy_helper
 
-from hsiedge.export import portable, scan_node
+from hsiedge.export import portable, scan_functions, scan_node
 
 T = portable.CHUNK
 
@@ -234,8 +234,8 @@ def assert_close(outs: list[np.ndarray], refs: list[np.ndarray], half: bool) -> 
 @pytest.mark.parametrize("half", [False, True])
 def test_plugin_graph_runs_as_is_through_its_model_local_functions(half):
     plugin, feeds, refs = plugin_model(CALLS, half)
-    model = portable.attach_functions(plugin)
-    assert portable.runs_as_is(model) and not portable.runs_as_is(plugin)
+    model = scan_functions.attach_functions(plugin)
+    assert scan_functions.runs_as_is(model) and not scan_functions.runs_as_is(plugin)
     # the nodes are still exactly Contract 2's (op_type, domain, inputs, attributes); each names its overload
     for old, node in zip(plugin.graph.node, model.graph.node, strict=True):
         assert (node.op_type, node.domain, list(node.input), list(node.attribute)) == (
@@ -261,7 +261,7 @@ def test_generic_function_serves_every_call(half):
     # delta_softplus through an attribute reference, all eight inputs given.
     calls = [(*c[:6], ("D", "z", "delta_bias"), c[7]) for c in CALLS]
     plugin, feeds, refs = plugin_model(calls, half)
-    model = portable.attach_functions(plugin)
+    model = scan_functions.attach_functions(plugin)
     for node in model.graph.node:
         node.overload = ""
     generic = [f for f in model.functions if f.overload == ""]
@@ -290,16 +290,6 @@ def test_chunking_of_static_lengths():
     assert portable.chunking(4) == (4, 1) and portable.chunking(T) == (T, 1)
     assert portable.chunking(169) == (57, 3)  # 2 padded steps, not 23
     assert portable.chunking(16384) == (T, 16384 // T)
-
-
-def test_recompose_restores_the_plugin_node():
-    shapes = {"u": (1, 8, 4), "delta": (1, 8, 4), "A": (8, 4), "B": (1, 4, 4), "C": (1, 4, 4), "D": (8,),
-              "z": (1, 8, 4), "delta_bias": (8,)}
-    plugin = scan_graph(shapes, {}, True, False)
-    back = portable.recompose(portable.decompose(plugin), list(plugin.graph.node))
-    assert [(n.op_type, n.domain) for n in back.graph.node] == [(scan_node.OP_TYPE, scan_node.DOMAIN)]
-    assert not back.graph.initializer
-    scan_node.check_node(back.graph.node[0])
 
 
 def test_initializer_inputs_are_used_by_name():
