@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -30,6 +32,16 @@ def fail(message: str) -> NoReturn:
     """One line on stderr, exit code 1."""
     err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _spinner(text: str) -> Iterator[Callable[[str], None] | None]:
+    """A status line with a spinner on a terminal; yields its update function (None elsewhere)."""
+    if not err_console.is_terminal:
+        yield None
+        return
+    with err_console.status(text, spinner="dots") as status:
+        yield status.update
 
 
 def _version(value: bool) -> None:
@@ -208,6 +220,16 @@ def _failure_line(report: dict) -> str:
                      for r in report["results"] if not r["passed"])
 
 
+# The engine options `hsiedge export --engine` and `hsiedge engine` share.
+TARGET_OPTION = typer.Option(None, "--target", help="Engine target. rtx: TensorRT for RTX, ahead of time "
+                             "on any machine; trt: TensorRT 10/11 on the device itself (default: rtx where "
+                             "installed, else trt).")
+CC_OPTION = typer.Option(None, "--compute-capability", help="--target rtx: GPU compute capability to build "
+                         "for, e.g. 89 for the RTX 4090 (repeat; default 80 86 89 120).")
+PLUGINS_OPTION = typer.Option(None, "--plugins", help="libhsiedge_trt_plugins.so, needed for plugin-mode "
+                              "bundles (default: $HSIEDGE_TRT_PLUGINS); it is copied into the bundle.")
+
+
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="Checkpoint written by `hsiedge train` (.pt)."),
@@ -221,14 +243,9 @@ def export(
     calib_method: str = typer.Option("percentile", help="int8 calibrator: percentile or entropy."),
     engine: bool = typer.Option(False, "--engine", help="Then also build a TensorRT engine into the bundle "
                                 "(as `hsiedge engine` does)."),
-    target: str | None = typer.Option(None, "--target", help="Engine target for --engine: rtx (TensorRT for "
-                                      "RTX, builds anywhere) or trt (TensorRT 10/11, on the device); "
-                                      "default: rtx where installed."),
-    compute_capability: list[int] = typer.Option(None, "--compute-capability", help="--target rtx: GPU "
-                                                 "compute capability to build for (repeat; default 80 86 89 "
-                                                 "120)."),
-    plugins: Path | None = typer.Option(None, "--plugins", help="libhsiedge_trt_plugins.so for --engine with "
-                                        "--scan plugin (default: $HSIEDGE_TRT_PLUGINS)."),
+    target: str | None = TARGET_OPTION,
+    compute_capability: list[int] = CC_OPTION,
+    plugins: Path | None = PLUGINS_OPTION,
     force: bool = typer.Option(False, "--force", help="Write the bundle even if parity fails (recorded)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
@@ -236,27 +253,18 @@ def export(
     from hsiedge.checkpoint import CheckpointError
     from hsiedge.export.bundle_export import ExportError, ParityFailedError, export_bundle
 
-    status = err_console.status("exporting", spinner="dots") if err_console.is_terminal else None
-    if status:
-        status.start()
-    try:
-        manifest = export_bundle(checkpoint, output, scan=scan, precision=precision, calib=calib,
-                                 calib_key=calib_key, calib_method=calib_method, force=force,
-                                 engine=engine, target=target,
-                                 compute_capabilities=tuple(compute_capability or ()) or None,
-                                 plugin_library=plugins,
-                                 on_step=(lambda s: status.update(s)) if status else None)
-    except ParityFailedError as e:
-        if status:
-            status.stop()
-        console.print(_parity_table(e.report, "parity at export"))
-        fail(str(e))
-    except (ExportError, CheckpointError) as e:
-        if status:
-            status.stop()
-        fail(str(e))
-    if status:
-        status.stop()
+    with _spinner("exporting") as update:
+        try:
+            manifest = export_bundle(checkpoint, output, scan=scan, precision=precision, calib=calib,
+                                     calib_key=calib_key, calib_method=calib_method, force=force,
+                                     engine=engine, target=target,
+                                     compute_capabilities=tuple(compute_capability or ()) or None,
+                                     plugin_library=plugins, on_step=update)
+        except ParityFailedError as e:
+            console.print(_parity_table(e.report, "parity at export"))
+            fail(str(e))
+        except (ExportError, CheckpointError) as e:
+            fail(str(e))
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
     else:
@@ -389,15 +397,9 @@ def _shape(dims: list[int]) -> str:
 @app.command()
 def engine(
     bundle_path: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle directory (`hsiedge export`)."),
-    target: str | None = typer.Option(None, "--target", help="rtx: TensorRT for RTX, ahead of time on any "
-                                      "machine; trt: TensorRT 10/11 on the device itself (default: rtx "
-                                      "where installed, else trt)."),
-    compute_capability: list[int] = typer.Option(None, "--compute-capability", help="--target rtx: GPU "
-                                                 "compute capability to build for, e.g. 89 for the RTX 4090 "
-                                                 "(repeat; default 80 86 89 120)."),
-    plugins: Path | None = typer.Option(None, "--plugins", help="libhsiedge_trt_plugins.so, needed for "
-                                        "plugin-mode bundles (default: $HSIEDGE_TRT_PLUGINS); it is copied "
-                                        "into the bundle."),
+    target: str | None = TARGET_OPTION,
+    compute_capability: list[int] = CC_OPTION,
+    plugins: Path | None = PLUGINS_OPTION,
     min_shape: str | None = typer.Option(None, "--min", help="Smallest input shape, e.g. 1x198x32x32 "
                                          "(default: what `hsiedge infer` feeds this bundle)."),
     opt_shape: str | None = typer.Option(None, "--opt", help="Input shape to tune for."),
@@ -426,21 +428,14 @@ def engine(
             profile = Profile(lo, parse_shape(opt_shape) if opt_shape else hi, hi)
         except ValueError as e:
             fail(f"{bundle_path}: {e}")
-    status = err_console.status("building the TensorRT engine", spinner="dots") \
-        if err_console.is_terminal else None
-    if status:
-        status.start()
-    try:
-        entry = add_engine(bundle_path, target=target, plugins=plugins, profile=profile,
-                           compute_capabilities=tuple(compute_capability or ()) or None,
-                           on_phase=(lambda p: status.update(f"building the TensorRT engine: {p}")) if status
-                           else None)
-    except (EngineBuildError, BundleError) as e:
-        if status:
-            status.stop()
-        fail(str(e))
-    if status:
-        status.stop()
+    with _spinner("building the TensorRT engine") as update:
+        try:
+            entry = add_engine(bundle_path, target=target, plugins=plugins, profile=profile,
+                               compute_capabilities=tuple(compute_capability or ()) or None,
+                               on_phase=(lambda p: update(f"building the TensorRT engine: {p}")) if update
+                               else None)
+        except (EngineBuildError, BundleError) as e:
+            fail(str(e))
     if as_json:
         typer.echo(json.dumps(entry, indent=2))
     else:
@@ -464,19 +459,12 @@ def plugin_build(
     """Compile libhsiedge_trt_plugins.so from plugins/ with CMake and nvcc (needs TensorRT headers)."""
     from hsiedge.export.plugin_library import PluginBuildError, build_plugin_library
 
-    status = err_console.status("building the plugin library", spinner="dots") if err_console.is_terminal \
-        else None
-    if status:
-        status.start()
-    try:
-        lib = build_plugin_library(output, tensorrt_root=tensorrt_root, archs=arch or None, jetson=jetson,
-                                   on_line=(lambda t: status.update(t[:100])) if status else None)
-    except PluginBuildError as e:
-        if status:
-            status.stop()
-        fail(str(e))
-    if status:
-        status.stop()
+    with _spinner("building the plugin library") as update:
+        try:
+            lib = build_plugin_library(output, tensorrt_root=tensorrt_root, archs=arch or None, jetson=jetson,
+                                       on_line=(lambda t: update(t[:100])) if update else None)
+        except PluginBuildError as e:
+            fail(str(e))
     console.print(f"wrote {lib} ({lib.stat().st_size / 2**20:.1f} MiB); give it to "
                   "`hsiedge engine --plugins`")
 
