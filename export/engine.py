@@ -28,7 +28,6 @@ from typing import Any
 from hsiedge.bundle import INPUT_NAME
 from hsiedge.runtimes.trt_library import PORTABLE_CCS, TensorRTUnavailableError, tensorrt_library
 
-WORKSPACE_BYTES = 2 * 2**30
 # `hsiedge infer`'s defaults: patch batches of up to 128; MambaHSI tiles of 32..512 pixels a side,
 # tuned for 256 (the activations of the largest tile must fit in an edge GPU's memory).
 ENGINE_BATCH = 128
@@ -159,7 +158,8 @@ def build_engine(onnx_bytes: bytes, profile: Profile, *, target: str = "rtx",
 
     network_info = _network_summary(trt, network)
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    # No workspace cap: TensorRT's default is the device's memory.  A 2 GiB cap made MambaHSI's
+    # spatial scans (tiles up to 512 x 512) fail with "OutOfMemory" in TensorRT for RTX 1.7.
     if ccs:
         config.num_compute_capabilities = len(ccs)
         for i, cc in enumerate(ccs):
