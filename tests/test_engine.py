@@ -207,3 +207,26 @@ def test_plugin_build_without_headers_says_where_to_get_them(tmp_path, monkeypat
                               str(tmp_path / "p.so")])
     assert res.exit_code == 1 and "include/NvInfer.h" in res.output
     assert not (tmp_path / "p.so").exists()
+
+
+def _engine_runs_here() -> str | None:
+    from hsiedge.runtimes.tensorrt import why_not_here
+
+    return why_not_here()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("_engine_runs_here() is not None",
+                    reason="needs a GPU TensorRT can run on (RTX for TensorRT for RTX) and cuda-python")
+@pytest.mark.parametrize("scan", ["portable", "plugin"])
+def test_engine_runs_and_matches_the_original(checkpoints, request, tmp_path, scan):
+    """Where an engine can run: export --engine checks the engine's parity against the original."""
+    from hsiedge.export.bundle_export import export_bundle
+
+    plugins = request.getfixturevalue("trt_plugin_library") if scan == "plugin" else None
+    out = tmp_path / "b"
+    manifest = export_bundle(checkpoints["spectralmamba"], out, scan=scan, precision="fp16", engine=True,
+                             plugin_library=plugins)
+    results = [r for r in manifest["parity"]["results"] if r["runtime"] == "tensorrt"]
+    assert len(results) == 1 and results[0]["passed"], results
+    assert results[0]["figures"]["pixels"] > 9000

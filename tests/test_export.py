@@ -247,3 +247,19 @@ def test_dynamic_batch_and_tile_sides(checkpoints):
             ref = (model.full_resolution_logits(t) if name == "mambahsi" else model(t)).numpy()
         assert y.shape == ref.shape
         assert np.linalg.norm(y - ref) <= 1e-4 * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("model", ["spectralmamba", "mambahsi"])
+def test_polygraphy_runs_a_plugin_bundle_with_onnxruntime(exported, model):
+    """Plugin bundles run in any ONNX tool as they are: the SelectiveScan node resolves to its
+    model-local function (Polygraphy's own ONNX Runtime runner, no hsiedge code involved)."""
+    import subprocess
+    import sys
+
+    path, _ = exported(model, "plugin", "fp32")
+    shapes = ["--input-shapes", "x:[1,198,32,32]"] if model == "mambahsi" else []
+    polygraphy = Path(sys.executable).with_name("polygraphy")
+    res = subprocess.run([str(polygraphy), "run", str(path / "model.onnx"), "--onnxrt", *shapes],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "PASSED" in res.stdout + res.stderr
