@@ -75,7 +75,7 @@ def run(scene: Path) -> Table:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     scene = Path(argv[0]) if argv else DEFAULT_SCENE
-    console = Console(width=150)
+    console = Console(width=190)
     if not scene.is_file():
         console.print(f"[red]demo: scene {scene} not found; pass a .mat cube path[/red]")
         return 1
