@@ -18,6 +18,7 @@ hsiedge plugin library in the builder's plugin registry, so the ONNX parser maps
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,6 +97,25 @@ class BuiltEngine:
     info: dict[str, Any]
 
 
+def _stderr_logger(trt: ModuleType) -> Any:
+    """A TensorRT logger that writes warnings and errors to stderr (TensorRT's own writes to
+    stdout, which would corrupt `--json` output)."""
+
+    class Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity <= trt.ILogger.Severity.WARNING:
+                print(f"[{_library_name(trt)}] {severity.name}: {msg}", file=sys.stderr, flush=True)
+
+    return Logger()
+
+
+def _library_name(trt: ModuleType) -> str:
+    return "TensorRT for RTX" if "rtx" in trt.__name__ else "TensorRT"
+
+
 class _Progress:
     """Adapts TensorRT's IProgressMonitor to a plain `on_phase(text)` callback."""
 
@@ -144,7 +164,7 @@ def build_engine(onnx_bytes: bytes, profile: Profile, *, target: str = "rtx",
         raise EngineBuildError(f"TensorRT for RTX {lib.version} cannot build for compute capability "
                                f"{', '.join(str(c) for c in sorted(set(ccs) - known))}; it supports "
                                f"{', '.join(str(c) for c in sorted(known))}")
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = _stderr_logger(trt)
     builder = trt.Builder(logger)
     if plugin_library is not None and builder.get_plugin_registry().load_library(str(plugin_library)) is None:
         raise EngineBuildError(f"{plugin_library}: {lib.name} {lib.version} could not load it as a plugin "
