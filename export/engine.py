@@ -18,7 +18,6 @@ hsiedge plugin library in the builder's plugin registry, so the ONNX parser maps
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +26,12 @@ from types import ModuleType
 from typing import Any
 
 from hsiedge.bundle import INPUT_NAME
-from hsiedge.runtimes.trt_library import PORTABLE_CCS, TensorRTUnavailableError, tensorrt_library
+from hsiedge.runtimes.trt_library import (
+    PORTABLE_CCS,
+    TensorRTUnavailableError,
+    stderr_logger,
+    tensorrt_library,
+)
 
 # `hsiedge infer`'s defaults: patch batches of up to 128; MambaHSI tiles of 32..512 pixels a side,
 # tuned for 256 (the activations of the largest tile must fit in an edge GPU's memory).
@@ -97,25 +101,6 @@ class BuiltEngine:
     info: dict[str, Any]
 
 
-def _stderr_logger(trt: ModuleType) -> Any:
-    """A TensorRT logger that writes warnings and errors to stderr (TensorRT's own writes to
-    stdout, which would corrupt `--json` output)."""
-
-    class Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, severity: Any, msg: str) -> None:
-            if severity <= trt.ILogger.Severity.WARNING:
-                print(f"[{_library_name(trt)}] {severity.name}: {msg}", file=sys.stderr, flush=True)
-
-    return Logger()
-
-
-def _library_name(trt: ModuleType) -> str:
-    return "TensorRT for RTX" if "rtx" in trt.__name__ else "TensorRT"
-
-
 class _Progress:
     """Adapts TensorRT's IProgressMonitor to a plain `on_phase(text)` callback."""
 
@@ -164,7 +149,7 @@ def build_engine(onnx_bytes: bytes, profile: Profile, *, target: str = "rtx",
         raise EngineBuildError(f"TensorRT for RTX {lib.version} cannot build for compute capability "
                                f"{', '.join(str(c) for c in sorted(set(ccs) - known))}; it supports "
                                f"{', '.join(str(c) for c in sorted(known))}")
-    logger = _stderr_logger(trt)
+    logger = stderr_logger(trt)
     builder = trt.Builder(logger)
     if plugin_library is not None and builder.get_plugin_registry().load_library(str(plugin_library)) is None:
         raise EngineBuildError(f"{plugin_library}: {lib.name} {lib.version} could not load it as a plugin "

@@ -17,7 +17,7 @@ import numpy as np
 
 from hsiedge.bundle import INPUT_NAME, OUTPUT_NAME, Bundle
 from hsiedge.runtimes.base import Runner, RuntimeSpec, RuntimeUnavailableError, register_runtime
-from hsiedge.runtimes.trt_library import MODULES, TensorRTUnavailableError, tensorrt_library
+from hsiedge.runtimes.trt_library import MODULES, TensorRTUnavailableError, stderr_logger, tensorrt_library
 
 
 def _check(result):
@@ -58,7 +58,7 @@ class TensorRTRunner(Runner):
         except TensorRTUnavailableError as e:
             raise RuntimeUnavailableError(str(e)) from None
         self._trt, self._cudart = trt, cudart
-        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._logger = stderr_logger(trt)
         self._runtime = trt.Runtime(self._logger)
         plugin = entry.get("plugin")
         lib = bundle.artifact(plugin["artifact"]) if plugin else None

@@ -18,9 +18,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 TARGETS = ("rtx", "trt")
 # Module names per target, in the order tried.
@@ -119,3 +121,22 @@ def ensure_unversioned_rtx_library(module: ModuleType) -> Path | None:
             f"could not create it ({e.strerror}); ask the owner of that folder to run "
             f"`ln -s libtensorrt_rtx.so.1 {link}`") from None
     return link
+
+
+def stderr_logger(trt: ModuleType) -> Any:
+    """A TensorRT logger that writes warnings and errors to stderr (TensorRT's own writes to
+    stdout, which would corrupt `--json` output)."""
+
+    class Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: Any, msg: str) -> None:
+            if severity <= trt.ILogger.Severity.WARNING:
+                print(f"[{_library_name(trt)}] {severity.name}: {msg}", file=sys.stderr, flush=True)
+
+    return Logger()
+
+
+def _library_name(trt: ModuleType) -> str:
+    return "TensorRT for RTX" if "rtx" in trt.__name__ else "TensorRT"
