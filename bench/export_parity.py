@@ -46,7 +46,10 @@ def engine_cells(bundle: Path, scan: str, plugins: str | None) -> list[str]:
                   *(["--plugins", plugins] if scan == "plugin" else []), check=False)
     if out.startswith("FAIL"):
         return [out] + [""] * 5
-    e = json.loads(out)
+    try:
+        e = json.loads(out)
+    except json.JSONDecodeError:
+        return [f"FAIL: not JSON: {out[:80]!r}"] + [""] * 5
     size = json.loads((bundle / "manifest.json").read_text())["artifacts"]["engine-rtx"]["bytes"]
     return [f"{size / 1e6:.2f} MB", f"{e['build_seconds']:.1f}", f"{e['library']} {e['version']}",
             " ".join(str(c) for c in e["compute_capabilities"]), str(e["network"]["plugin_layers"]),
