@@ -20,8 +20,7 @@ import onnxruntime as ort
 from hsiedge.bundle import INPUT_NAME, Bundle
 from hsiedge.export import portable, scan_functions, scan_node
 from hsiedge.runtimes.base import Runner, RuntimeSpec, register_runtime
-
-PLUGIN_ENV = "HSIEDGE_TRT_PLUGINS"
+from hsiedge.runtimes.trt_library import PLUGIN_ENV
 
 
 def _providers(plugin_graph: bool) -> list:

@@ -17,7 +17,13 @@ import numpy as np
 
 from hsiedge.bundle import INPUT_NAME, OUTPUT_NAME, Bundle
 from hsiedge.runtimes.base import Runner, RuntimeSpec, RuntimeUnavailableError, register_runtime
-from hsiedge.runtimes.trt_library import MODULES, TensorRTUnavailableError, stderr_logger, tensorrt_library
+from hsiedge.runtimes.trt_library import (
+    MODULES,
+    TensorRTUnavailableError,
+    installed,
+    stderr_logger,
+    tensorrt_library,
+)
 
 
 def _check(result):
@@ -34,10 +40,9 @@ def _pinned(ptr: int, shape: tuple[int, ...]) -> np.ndarray:
 
 def engine_target(bundle: Bundle) -> str | None:
     """The bundle engine this machine's TensorRT can load: `trt` with tensorrt, else `rtx`."""
-    import importlib.util
 
     for target in ("trt", "rtx"):
-        if target in bundle.engines and any(importlib.util.find_spec(m) for m in MODULES[target]):
+        if target in bundle.engines and installed(target):
             return target
     return None
 
@@ -141,10 +146,9 @@ class TensorRTRunner(Runner):
 
 def why_not_here(target: str | None = None) -> str | None:
     """None when a TensorRT library (for `target`, or any), cuda-python and a GPU are here, else why not."""
-    import importlib.util
 
     targets = [target] if target else list(MODULES)
-    if not any(importlib.util.find_spec(m) for t in targets for m in MODULES[t]):
+    if not any(installed(t) for t in targets):
         return (f"no TensorRT library to run engines is installed here (tried the modules "
                 f"{', '.join(m for t in targets for m in MODULES[t])})")
     try:

@@ -70,9 +70,14 @@ def tensorrt_library(target: str) -> TensorRTLibrary:
                                    f"(tried the modules {', '.join(MODULES[target])}); {install}")
 
 
+def installed(target: str) -> bool:
+    """Whether a TensorRT module for `target` is installed here (found, not imported)."""
+    return any(importlib.util.find_spec(m) for m in MODULES[target])
+
+
 def available_targets() -> list[str]:
     """The targets whose TensorRT module is installed here, `rtx` first."""
-    return [t for t in TARGETS if any(importlib.util.find_spec(m) for m in MODULES[t])]
+    return [t for t in TARGETS if installed(t)]
 
 
 def default_target() -> str:
