@@ -28,7 +28,9 @@ from typing import Any
 from hsiedge.bundle import INPUT_NAME
 from hsiedge.runtimes.trt_library import (
     PORTABLE_CCS,
+    TensorRTLibrary,
     TensorRTUnavailableError,
+    native_stdout_to_stderr,
     stderr_logger,
     tensorrt_library,
 )
@@ -149,6 +151,13 @@ def build_engine(onnx_bytes: bytes, profile: Profile, *, target: str = "rtx",
         raise EngineBuildError(f"TensorRT for RTX {lib.version} cannot build for compute capability "
                                f"{', '.join(str(c) for c in sorted(set(ccs) - known))}; it supports "
                                f"{', '.join(str(c) for c in sorted(known))}")
+    with native_stdout_to_stderr():  # TensorRT's graph compiler prints some warnings to fd 1
+        return _build(lib, onnx_bytes, profile, target, ccs, plugin_library, on_phase)
+
+
+def _build(lib: TensorRTLibrary, onnx_bytes: bytes, profile: Profile, target: str, ccs: tuple[int, ...],
+           plugin_library: Path | None, on_phase: Callable[[str], None] | None) -> BuiltEngine:
+    trt = lib.module
     logger = stderr_logger(trt)
     builder = trt.Builder(logger)
     if plugin_library is not None and builder.get_plugin_registry().load_library(str(plugin_library)) is None:

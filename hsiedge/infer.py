@@ -55,9 +55,13 @@ DEFAULT_BATCH = 128
 # hidden_dim 128), measured on CPU with `hsiedge infer` on a 4.4 GB scene at tiles of 64-192
 # (README "Streaming inference").  The fixed part is the process with torch, onnxruntime,
 # rasterio, a runner and the pipeline's threads (an ONNX Runtime session holds more); the
-# GDAL block cache comes on top.  ONNX Runtime's portable scan materialises (dim, L, N)
-# tensors.  Other runtimes keep activations on the GPU: the torch figures are used.
-IMAGE_MEMORY = {"torch": (400, 22_000), "onnxruntime": (480, 52_000)}
+# GDAL block cache comes on top.  ONNX Runtime with hsiedge's scan kernel costs about what
+# torch does (peaks of 517 / 793 / 964 MiB at tiles 64 / 128 / 192 on the 610 x 340 mosaic of
+# bench/infer.py, torch 504 / 728 / 1005); where its scans run as the portable body instead
+# ("onnxruntime-portable": portable-scan bundles, float16 scans, no C compiler) it
+# materialises (dim, L, N) tensors.
+# Other runtimes keep activations on the GPU: the torch figures are used.
+IMAGE_MEMORY = {"torch": (400, 22_000), "onnxruntime": (440, 22_000), "onnxruntime-portable": (480, 52_000)}
 JOURNAL_VERSION = 1
 
 
@@ -130,6 +134,15 @@ class Geometry:
         return np.concatenate(outputs).T.reshape(-1, h, w)
 
 
+def _memory_profile(bundle: Bundle, runtime: str) -> str:
+    """The IMAGE_MEMORY entry for `runtime` running `bundle`."""
+    if runtime == "onnxruntime":
+        from hsiedge.runtimes.onnxruntime import runs_scan_kernel
+
+        return runtime if runs_scan_kernel(bundle) else "onnxruntime-portable"
+    return runtime
+
+
 def image_tile_for_budget(bundle: Bundle, runtime: str, memory_mib: float, height: int,
                           width: int) -> tuple[int, int]:
     """(tile, overlap) for an image model: the whole scene when it fits in `memory_mib`, else
@@ -137,7 +150,7 @@ def image_tile_for_budget(bundle: Bundle, runtime: str, memory_mib: float, heigh
     agree better with a whole-scene run.  The estimate depends only on its arguments, so a
     resumed run picks the same tiles."""
     artifacts = bundle.manifest["artifacts"].values()
-    fixed_mib, pixel_bytes = IMAGE_MEMORY.get(runtime, IMAGE_MEMORY["torch"])
+    fixed_mib, pixel_bytes = IMAGE_MEMORY.get(_memory_profile(bundle, runtime), IMAGE_MEMORY["torch"])
     resident = fixed_mib + 3 * sum(a.get("bytes", 0) for a in artifacts) / 2**20 + block_cache_mib()
     hidden = bundle.manifest["model"]["config"].get("hidden_dim", 128)
     bands = bundle.preprocessing.out_bands

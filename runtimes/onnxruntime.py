@@ -1,12 +1,13 @@
 """The `onnxruntime` runtime: the bundle's ONNX graph in ONNX Runtime.
 
 Execution providers: TensorRT and CUDA when this onnxruntime build has them, CPU always.
-ONNX Runtime has no kernel for the `SelectiveScan` node of plugin-mode graphs: bundles carry
-it as a model-local function whose body is its portable decomposition, which ONNX Runtime
-inlines, so the graph runs as it is.  Older bundles without that function have the node
-replaced, when the session is created, by the same decomposition.  The TensorRT provider
-runs the node through the hsiedge plugin library instead, when it is given one
-(`HSIEDGE_TRT_PLUGINS`, or `trt_extra_plugin_lib_paths`).
+ONNX Runtime has no kernel of its own for the `SelectiveScan` node of plugin-mode graphs.  On
+the CPU, hsiedge's C kernel is registered as a custom operator (`hsiedge.ops.ort_kernel`) and
+runs every float32 scan node.  Otherwise bundles carry the node as a model-local function whose
+body is its portable decomposition, which ONNX Runtime inlines, so the graph runs as it is;
+older bundles without that function have the node replaced, when the session is created, by the
+same decomposition.  The TensorRT provider runs the node through the hsiedge plugin library
+instead, when it is given one (`HSIEDGE_TRT_PLUGINS`, or `trt_extra_plugin_lib_paths`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import os
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper
 
 from hsiedge.bundle import INPUT_NAME, Bundle
 from hsiedge.export import portable, scan_functions, scan_node
+from hsiedge.ops import cpu, ort_kernel
 from hsiedge.runtimes.base import Runner, RuntimeSpec, register_runtime
 from hsiedge.runtimes.trt_library import PLUGIN_ENV
 
@@ -36,10 +39,64 @@ def _providers(plugin_graph: bool) -> list:
     return chosen
 
 
+def small_transposes_as_einsum(model: onnx.ModelProto) -> int:
+    """Rewrite (in place) each Transpose that swaps the last two axes of a stack of small
+    matrices, (n, a, b) -> (n, b, a) with a, b <= 256, as the equivalent Einsum; return how many.
+
+    ONNX Runtime's CPU Transpose copies those one element at a time, its Einsum in blocks:
+    MambaHSI's spectral tokens (16384, 4, 64) -> (16384, 64, 4) take 16 ms as a Transpose and
+    3.6 ms as an Einsum, (16384, 4, 16) 10.4 and 0.6 ms; 2-D and 4-D transposes and single
+    large matrices are faster as they are (measured on the 2-core CPU machine, onnxruntime
+    1.32).  Transposes that feed a MatMul stay: ONNX Runtime fuses those into the MatMul."""
+    shapes = portable.tensor_shapes(model)
+    into_matmul = {i for n in model.graph.node if n.op_type in ("MatMul", "Gemm") for i in n.input}
+    count = 0
+    for node in model.graph.node:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or perm != [0, 2, 1]:
+            continue
+        dims = shapes.get(node.input[0], (None, []))[1]
+        small = len(dims) == 3 and all(isinstance(d, int) and 0 < d <= 256 for d in dims[1:])
+        if not small or dims[0] == 1 or node.output[0] in into_matmul:
+            continue
+        del node.attribute[:]
+        node.op_type = "Einsum"
+        node.attribute.append(helper.make_attribute("equation", "nab->nba"))
+        count += 1
+    return count
+
+
+def kernel_unusable(model: onnx.ModelProto) -> str | None:
+    """None when hsiedge's CPU kernel can run every SelectiveScan node of `model` in this ONNX
+    Runtime, else why not (a float16 scan, ONNX Runtime older than 1.16, no C compiler)."""
+    version = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit())
+    if version < ort_kernel.MIN_ONNXRUNTIME:
+        return f"ONNX Runtime {ort.__version__} is older than 1.16"
+    shapes = portable.tensor_shapes(model)
+    for node in scan_node.scan_nodes(model):
+        if any(t not in (None, onnx.TensorProto.FLOAT) for t in portable.node_spec(node, shapes).types):
+            return f"scan node {node.name or '?'} is not float32"
+    try:
+        ort_kernel.library()
+    except cpu.ScanBuildError as e:
+        return str(e)
+    return None
+
+
+def runs_scan_kernel(bundle: Bundle) -> bool:
+    """Whether a CPU session of `bundle` runs its scans on hsiedge's kernel: a plugin-mode
+    graph the kernel can run (portable-scan bundles carry the decomposition itself)."""
+    model = onnx.load(str(bundle.artifact("onnx")))
+    return any(True for _ in scan_node.scan_nodes(model)) and kernel_unusable(model) is None
+
+
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, device: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, device: str | None = None, threads: int | None = None,
+                 scan_kernel: bool = True) -> None:
+        """`scan_kernel=False` runs scan nodes as their portable body even where hsiedge's CPU
+        kernel could (to compare the two, and to check the body the bundle carries)."""
         super().__init__(bundle)
         model = onnx.load(str(bundle.artifact("onnx")))
         self._plugin_graph = any(True for _ in scan_node.scan_nodes(model))
@@ -48,11 +105,22 @@ class OnnxRuntimeRunner(Runner):
             providers = ["CPUExecutionProvider"]
         first = providers[0] if isinstance(providers[0], str) else providers[0][0]
         by_onnxruntime = self._plugin_graph and first != "TensorrtExecutionProvider"
-        self._substituted = by_onnxruntime and not scan_functions.runs_as_is(model)
-        self._as_function = by_onnxruntime and not self._substituted
+        self._kernel = by_onnxruntime and first == "CPUExecutionProvider" and scan_kernel
+        self.kernel_missing = kernel_unusable(model) if self._kernel else None
+        self._kernel = self._kernel and self.kernel_missing is None
+        self._substituted = by_onnxruntime and not self._kernel and not scan_functions.runs_as_is(model)
+        self._as_function = by_onnxruntime and not self._kernel and not self._substituted
         if self._substituted:
             model = portable.decompose(model)
+        on_cpu = first == "CPUExecutionProvider"
+        self.einsum_transposes = small_transposes_as_einsum(model) if on_cpu else 0
         opts = ort.SessionOptions()
+        if self._kernel:
+            opts.register_custom_ops_library(str(ort_kernel.library()))
+            # The kernel runs its own threads; ONNX Runtime's, spinning after the previous node,
+            # would take a core from them (a 128 x 128 MambaHSI tile: 291-321 ms without
+            # spinning, 365-392 ms with it, 2-core CPU machine).
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         # ONNX Runtime's CPU arena grows in powers of two and never shrinks (MambaHSI's tiles
         # cost 59 KB/px with it, 39 KB/px without); freed buffers go back to the process heap,
@@ -78,9 +146,14 @@ class OnnxRuntimeRunner(Runner):
 
     @property
     def notes(self) -> str:
+        if self._kernel:
+            return "SelectiveScan run by hsiedge's CPU kernel (ONNX Runtime custom operator)"
+        why = f" ({self.kernel_missing})" if self.kernel_missing else ""
         if self._substituted:
-            return "SelectiveScan run as its portable decomposition"
-        return "SelectiveScan run as its model-local function (portable body)" if self._as_function else ""
+            return "SelectiveScan run as its portable decomposition" + why
+        if self._as_function:
+            return "SelectiveScan run as its model-local function (portable body)" + why
+        return ""
 
     def run(self, x: np.ndarray) -> np.ndarray:
         (y,) = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})

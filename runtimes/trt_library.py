@@ -15,10 +15,13 @@ link itself the first time it loads TensorRT for RTX, so users never make one by
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -141,6 +144,24 @@ def stderr_logger(trt: ModuleType) -> Any:
                 print(f"[{_library_name(trt)}] {severity.name}: {msg}", file=sys.stderr, flush=True)
 
     return Logger()
+
+
+@contextlib.contextmanager
+def native_stdout_to_stderr() -> Iterator[None]:
+    """Send what native code writes to file descriptor 1 to stderr meanwhile: TensorRT's
+    graph compiler prints some warnings with printf, past any logger, which would corrupt
+    `--json` output on stdout."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        libc.fflush(None)  # C stdio buffers still holding text for fd 1
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _library_name(trt: ModuleType) -> str:

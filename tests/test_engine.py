@@ -28,6 +28,7 @@ from hsiedge.runtimes.trt_library import (
     PORTABLE_CCS,
     TensorRTUnavailableError,
     ensure_unversioned_rtx_library,
+    native_stdout_to_stderr,
 )
 
 runner = CliRunner()
@@ -151,6 +152,20 @@ def test_no_tensorrt_library_says_what_to_install(sm_bundle, monkeypatch):
     assert res.exit_code == 1 and "hsiedge[rtx]" in res.output
     res = runner.invoke(app, ["engine", str(sm_bundle), "--target", "trt"])
     assert res.exit_code == 1 and "no TensorRT library for target 'trt'" in res.output
+
+
+def test_native_prints_go_to_stderr_while_an_engine_builds(capfd):
+    """TensorRT's graph compiler printf()s some warnings; `--json` output must stay clean."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    print("before", flush=True)
+    with native_stdout_to_stderr():
+        libc.printf(b"native warning\n")  # buffered by C stdio: flushed before fd 1 comes back
+    print("after", flush=True)
+    out, err = capfd.readouterr()
+    assert out.split() == ["before", "after"]
+    assert "native warning" in err
 
 
 def test_profile_shapes():

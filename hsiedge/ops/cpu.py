@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +37,11 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "hsiedge"
 
 
-def _host_key() -> str:
-    """Identify source, compiler and CPU, since the build is tuned for the host CPU."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+def host_key(sources: Sequence[Path]) -> str:
+    """Identify sources, compiler and CPU, since the build is tuned for the host CPU."""
+    h = hashlib.sha256()
+    for src in sources:
+        h.update(src.read_bytes())
     h.update(" ".join(_COMPILE_FLAGS).encode())
     h.update(os.environ.get("CC", "cc").encode())
     h.update(platform.machine().encode())
@@ -51,25 +54,27 @@ def _host_key() -> str:
     return h.hexdigest()[:16]
 
 
-def _compile(target: Path) -> None:
+def compile_library(sources: Sequence[Path], target: Path) -> None:
+    """Compile C `sources` into the shared library `target`, atomically (ScanBuildError if not)."""
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise ScanBuildError(f"no C compiler '{cc}' on PATH (set CC or install gcc)")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = Path(tmp) / "scan.o", Path(tmp) / target.name
-        last = ""
-        # -march=native where the compiler knows it; the portable build otherwise.
-        for arch in (["-march=native"], []):
-            r = subprocess.run([cc, *_COMPILE_FLAGS, *arch, "-c", str(SOURCE), "-o", str(obj)],
-                               capture_output=True, text=True)
-            if r.returncode == 0:
-                break
-            last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
-        else:
-            raise ScanBuildError(f"compiling {SOURCE.name} failed: {last}")
+        objs, lib = [Path(tmp) / f"{src.stem}.o" for src in sources], Path(tmp) / target.name
+        for src, obj in zip(sources, objs, strict=True):
+            last = ""
+            # -march=native where the compiler knows it; the portable build otherwise.
+            for arch in (["-march=native"], []):
+                r = subprocess.run([cc, *_COMPILE_FLAGS, *arch, "-c", str(src), "-o", str(obj)],
+                                   capture_output=True, text=True)
+                if r.returncode == 0:
+                    break
+                last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+            else:
+                raise ScanBuildError(f"compiling {src.name} failed: {last}")
         # Linked without -ffast-math, so the library does not switch the process to flush-to-zero.
-        r = subprocess.run([cc, "-shared", "-pthread", str(obj), "-o", str(lib), "-lm"],
+        r = subprocess.run([cc, "-shared", "-pthread", *map(str, objs), "-o", str(lib), "-lm"],
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise ScanBuildError(f"linking {lib.name} failed: {r.stderr.strip()}")
@@ -78,7 +83,7 @@ def _compile(target: Path) -> None:
 
 def library_path() -> Path:
     """Path of the shared library for this host (it may not be built yet)."""
-    return cache_dir() / "ops" / f"libhsiedge_scan_cpu-{_host_key()}.so"
+    return cache_dir() / "ops" / f"libhsiedge_scan_cpu-{host_key([SOURCE])}.so"
 
 
 def _configure(lib: ctypes.CDLL) -> None:
@@ -90,7 +95,8 @@ def _configure(lib: ctypes.CDLL) -> None:
     bwd.argtypes = [ctypes.c_void_p] * 17 + [ctypes.c_int64] * 5 + [ctypes.c_int, ctypes.c_int]
 
 
-_LIBRARY = NativeLibrary(library_path, _compile, _configure, ScanBuildError)
+_LIBRARY = NativeLibrary(library_path, lambda target: compile_library([SOURCE], target), _configure,
+                         ScanBuildError)
 
 
 def load() -> ctypes.CDLL:
