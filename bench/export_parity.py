@@ -94,7 +94,7 @@ def main() -> None:
                                   "pass" if r["passed"] else "FAIL: " + "; ".join(r["failures"]),
                                   *(engine_cells(out, scan, args.plugins) if args.engine else ()))
                     print(f"  {model} {scan} {precision}: {'pass' if r['passed'] else 'FAIL'}", flush=True)
-    Console(width=200).print(table)
+    Console(width=260).print(table)
 
 
 if __name__ == "__main__":
