@@ -22,7 +22,7 @@ import onnx
 import torch
 
 from hsiedge import __version__
-from hsiedge.bundle import INPUT_NAME, OUTPUT_NAME, BundleWriter, class_table
+from hsiedge.bundle import INPUT_NAME, OUTPUT_NAME, BundleWriter, class_table, parse_class_colours
 from hsiedge.checkpoint import Checkpoint, load_checkpoint
 from hsiedge.export import onnx_model, portable, scan_functions, scan_node
 from hsiedge.export.onnx_model import ExportError
@@ -135,11 +135,13 @@ def export_bundle(
     target: str | None = None,
     compute_capabilities: tuple[int, ...] | None = None,
     plugin_library: str | Path | None = None,
+    class_colours: str | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write a verified bundle at `output`; return its manifest (with the parity results).
     `engine`: then also build a TensorRT engine for `target` into it (`bundle_engine.add_engine`);
-    where that engine can run here, its parity is checked and recorded too."""
+    where that engine can run here, its parity is checked and recorded too.  `class_colours`:
+    `NAME=#RRGGBB,...` for the class maps (the rest keep the palette's)."""
     from hsiedge.export.int8 import CALIBRATION_METHODS, quantize_int8
     from hsiedge.export.precision import to_fp16
 
@@ -159,6 +161,11 @@ def export_bundle(
                           "export needs one (checkpoints written by `hsiedge train` have it)")
     model = ckpt.build()
     kind, patch = getattr(model, "input_kind", "patch"), int(getattr(model, "patch_size", 0))
+    names = ckpt.class_names or [f"class {i + 1}" for i in range(model.num_classes)]
+    try:
+        colours = parse_class_colours(class_colours, names) if class_colours else None
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     step("reading the held-out scene")
     data = held_out_data(ckpt, Path(calib) if calib else None, calib_key)
 
@@ -209,7 +216,7 @@ def export_bundle(
             "output": {"name": OUTPUT_NAME, "dtype": "float32",
                        "layout": "NKHW" if kind == "image" else "NK"},
             "preprocessing": ckpt.preprocessing.to_dict(),
-            "classes": class_table(ckpt.class_names or [f"class {i + 1}" for i in range(model.num_classes)]),
+            "classes": class_table(names, colours),
             "precision": precision, "scan": scan, "scan_calls": scan_calls,
             "opset": {"ai.onnx": onnx_model.OPSET, **({scan_node.DOMAIN: scan_node.OPSET_VERSION}
                                                       if scan == "plugin" else {})},

@@ -50,9 +50,33 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def class_table(names: list[str]) -> list[dict[str, Any]]:
-    """Classes as the manifest lists them: id (1-based, 0 is nodata in maps), name, RGB colour."""
-    return [{"id": i + 1, "name": n, "colour": list(PALETTE[i % len(PALETTE)])} for i, n in enumerate(names)]
+def class_table(names: list[str],
+                colours: dict[int, tuple[int, int, int]] | None = None) -> list[dict[str, Any]]:
+    """Classes as the manifest lists them: id (1-based, 0 is nodata in maps), name, RGB colour
+    (`colours[id]` where given, else the palette's)."""
+    colours = colours or {}
+    return [{"id": i + 1, "name": n, "colour": list(colours.get(i + 1, PALETTE[i % len(PALETTE)]))}
+            for i, n in enumerate(names)]
+
+
+def parse_class_colours(text: str, names: list[str]) -> dict[int, tuple[int, int, int]]:
+    """`NAME=#RRGGBB,...` (a class name, or its 1-based id) -> {class id: (r, g, b)}; ValueError
+    with one sentence for anything else."""
+    colours: dict[int, tuple[int, int, int]] = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        key, sep, value = item.rpartition("=")
+        key, value = key.strip(), value.strip().lstrip("#")
+        if not sep or len(value) != 6 or any(ch not in "0123456789abcdefABCDEF" for ch in value):
+            raise ValueError(f"--class-colours: expected CLASS=#RRGGBB, found {item!r}")
+        if key in names:
+            cid = names.index(key) + 1
+        elif key.isdigit() and 1 <= int(key) <= len(names):
+            cid = int(key)
+        else:
+            raise ValueError(f"--class-colours: {key!r} is neither a class name nor an id 1-{len(names)} "
+                             f"(the classes are {', '.join(names)})")
+        colours[cid] = (int(value[0:2], 16), int(value[2:4], 16), int(value[4:6], 16))
+    return colours
 
 
 @dataclass

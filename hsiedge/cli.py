@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,20 @@ def _spinner(text: str) -> Iterator[Callable[[str], None] | None]:
         return
     with err_console.status(text, spinner="dots") as status:
         yield status.update
+
+
+def _progress_seconds() -> float:
+    """Seconds between plain progress lines when stderr is not a terminal
+    (`$HSIEDGE_PROGRESS_SECONDS`, default 60)."""
+    try:
+        return float(os.environ.get("HSIEDGE_PROGRESS_SECONDS", "60"))
+    except ValueError:
+        return 60.0
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _version(value: bool) -> None:
@@ -247,6 +262,9 @@ def export(
     compute_capability: list[int] = CC_OPTION,
     plugins: Path | None = PLUGINS_OPTION,
     force: bool = typer.Option(False, "--force", help="Write the bundle even if parity fails (recorded)."),
+    class_colours: str | None = typer.Option(None, "--class-colours", help="Colours of the classes in maps "
+                                             "and quick looks: NAME=#RRGGBB,... (a class name or its id; "
+                                             "the others keep the default palette)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Export a checkpoint to a bundle (ONNX + manifest) and prove it with a parity check."""
@@ -259,7 +277,7 @@ def export(
                                      calib_key=calib_key, calib_method=calib_method, force=force,
                                      engine=engine, target=target,
                                      compute_capabilities=tuple(compute_capability or ()) or None,
-                                     plugin_library=plugins, on_step=update)
+                                     plugin_library=plugins, class_colours=class_colours, on_step=update)
         except ParityFailedError as e:
             console.print(_parity_table(e.report, "parity at export"))
             fail(str(e))
@@ -518,9 +536,18 @@ def infer(
         def tile_done(pixels: int) -> None:
             state["pixels"] += pixels
             state["tiles"] += 1
-            rate = state["pixels"] / max(time.perf_counter() - state["t0"], 1e-9)
+            now = time.perf_counter()
+            rate = state["pixels"] / max(now - state["t0"], 1e-9)
             progress.update(task, advance=pixels, tiles=f"{state['tiles']}/{state['of']}",
                             rate=f"{rate:,.0f}")
+            if not err_console.is_terminal and now - state.get("said", state["t0"]) >= _progress_seconds():
+                state["said"] = now  # a log (CI, nohup, a scheduler) gets a plain line now and then
+                t = progress.tasks[0]
+                left = (t.total - t.completed) / rate if t.total else 0.0
+                err_console.print(f"classifying: {state['tiles']}/{state['of']} tiles, "
+                                  f"{100 * t.completed / max(t.total or 1, 1):.1f} % of pixels, "
+                                  f"{rate:,.0f} px/s, about {_duration(left)} left",
+                                  highlight=False, soft_wrap=True)
 
         try:
             summary = infer_scene(scene, bundle, output, key=key, runtime=runtime, tile=tile, overlap=overlap,

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hsiedge.bundle import Bundle
+from hsiedge import __version__
+from hsiedge.bundle import MANIFEST, Bundle, sha256_file
 from hsiedge.io import Scene, SceneReadError, open_scene
 from hsiedge.io.raster import block_cache_mib
 from hsiedge.io.writer import class_dtype, write_class_map, write_probabilities
@@ -214,6 +215,22 @@ def check_scene(bundle: Bundle, scene: Scene, tolerance_nm: float = 1.0) -> None
                              f"(tolerance {tolerance_nm} nm)")
 
 
+def _defining(header: dict[str, Any]) -> dict[str, Any]:
+    """The journal header without its creation time: what a resumed run must match."""
+    return {k: v for k, v in header.items() if k != "created"}
+
+
+def creation_time() -> str:
+    """When a map is made, in UTC to the second: `$SOURCE_DATE_EPOCH` when set (the
+    reproducible-builds convention, for byte-identical outputs of separate runs), else now."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    try:
+        t = time.gmtime(int(epoch)) if epoch else time.gmtime()
+    except ValueError:
+        raise InferError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, got {epoch!r}") from None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", t)
+
+
 class Staging:
     """Finished tiles on disk: class ids (and probabilities) as memory maps, plus a journal."""
 
@@ -230,8 +247,8 @@ class Staging:
                                  "--resume to continue it, or delete the file to start over")
             lines = self.journal_path.read_text().splitlines()
             found = json.loads(lines[0]) if lines else None
-            if found != header:
-                diff = sorted(k for k in header if found is None or found.get(k) != header[k])
+            if found is None or _defining(found) != _defining(header):
+                diff = sorted(k for k in _defining(header) if found is None or found.get(k) != header[k])
                 raise InferError(f"{self.journal_path}: written by a different run ({', '.join(diff)} "
                                  "differ); rerun with the same arguments or delete it")
             for line in lines[1:]:
@@ -240,8 +257,11 @@ class Staging:
                 except (ValueError, KeyError):
                     break  # a line torn by the crash: that tile runs again
             mode = "r+"
+            # the interrupted run's creation time, so that the resumed map is the same file
+            self.created = found.get("created", header.get("created"))
         else:
             mode = "w+"
+            self.created = header.get("created")
         open_map = np.lib.format.open_memmap
         try:
             self.classes = open_map(self.classes_path, mode=mode, dtype=dtype, shape=shape)
@@ -324,6 +344,7 @@ def infer_scene(
     bound_heap()
     if batch < 1:
         raise InferError(f"--batch must be at least 1, got {batch}")
+    created = creation_time()
     try:
         runtime = runtime or default_runtime(bundle)
     except RuntimeUnavailableError as e:
@@ -349,7 +370,7 @@ def infer_scene(
         header = {"version": JOURNAL_VERSION, "scene": str(scene_path.resolve()),
                   "scene_bytes": scene_path.stat().st_size, "bundle_onnx": bundle.manifest["artifacts"].get(
                       "onnx", {}).get("sha256"), "runtime": runner.name, "core": geometry.core,
-                  "margin": geometry.margin, "batch": batch, "probs": probs}
+                  "margin": geometry.margin, "batch": batch, "probs": probs, "created": created}
         try:
             staging = Staging(output, header, (scene.height, scene.width), num_classes, probs, resume)
         except BaseException:
@@ -368,12 +389,16 @@ def infer_scene(
             staging.close()
             classes = staging.classes
             table = bundle.manifest["classes"]
-            write_class_map(output, classes, table, scene.crs, scene.transform)
+            provenance = {"model": bundle.model_name, **ran_on,
+                          "bundle_manifest_sha256": sha256_file(bundle.path / MANIFEST),
+                          "version": __version__, "created": staging.created,
+                          "scene": scene_path.name}
+            write_class_map(output, classes, table, scene.crs, scene.transform, provenance)
             probs_path = None
             if probs:
                 probs_path = output.with_name(f"{output.stem}.probs.tif")
                 write_probabilities(probs_path, staging.probs, [c["name"] for c in table], scene.crs,
-                                    scene.transform)
+                                    scene.transform, provenance)
             if quicklook is not None:
                 from hsiedge.io.quicklook import write_quicklook
 

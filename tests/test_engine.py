@@ -88,7 +88,7 @@ def sm_bundle(exported, tmp_path) -> Path:
 def test_engine_cli_profile_and_rebuild_replaces_the_old_engine(sm_bundle):
     res = runner.invoke(app, ["engine", str(sm_bundle), "--compute-capability", "89", "--json"])
     assert res.exit_code == 0, res.output
-    first = json.loads(res.output)
+    first = json.loads(res.stdout)
     assert first["compute_capabilities"] == [89] and first["profile"]["max"] == [128, 198, 7, 7]
     old_file = open_bundle(sm_bundle).manifest["artifacts"]["engine-rtx"]["file"]
     res = runner.invoke(app, ["engine", str(sm_bundle), "--min", "1x198x7x7", "--opt", "32x198x7x7",

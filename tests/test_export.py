@@ -155,7 +155,7 @@ def test_parity_check_on_another_scene_with_labels(bundle, datasets, tmp_path):
     res = runner.invoke(app, ["parity-check", str(bundle), "--scene", str(jasper / "JasperRidge2_R198.mat"),
                               "--labels", str(jasper / "_EndJasperRidge2_R198.mat"), "--json"])
     assert res.exit_code == 0, res.output
-    figures = json.loads(res.output)["results"][0]["figures"]
+    figures = json.loads(res.stdout)["results"][0]["figures"]
     assert figures["pixels"] == 10000 and figures["labelled_pixels"] == 10000
 
 
@@ -220,6 +220,37 @@ def test_export_bad_options(checkpoints, tmp_path):
     assert res.exit_code == 1 and "--precision" in res.output
     res = runner.invoke(app, ["export", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "b")])
     assert res.exit_code == 1 and "not found" in res.output
+
+
+def test_class_colours_reach_the_manifest_and_the_maps(checkpoints, datasets, tmp_path):
+    import rasterio
+
+    from hsiedge.bundle import PALETTE
+    from hsiedge.checkpoint import load_checkpoint
+
+    names = load_checkpoint(checkpoints["spectralmamba"]).class_names
+    out = tmp_path / "b"
+    res = runner.invoke(app, ["export", str(checkpoints["spectralmamba"]), "-o", str(out),
+                              "--class-colours", f"1=#1f78b4, {names[2]}=#33A02C"])
+    assert res.exit_code == 0, res.output
+    colours = [c["colour"] for c in open_bundle(out).manifest["classes"]]
+    assert colours[0] == [0x1F, 0x78, 0xB4] and colours[2] == [0x33, 0xA0, 0x2C]
+    assert colours[1] == list(PALETTE[1])  # not named: the palette's
+    scene = datasets / "jasper_ridge" / "JasperRidge2_R198.mat"
+    res = runner.invoke(app, ["infer", str(scene), "--bundle", str(out), "-o", str(tmp_path / "m.tif"),
+                              "--quicklook", str(tmp_path / "m.png")])
+    assert res.exit_code == 0, res.output
+    with rasterio.open(tmp_path / "m.tif") as m:
+        assert m.colormap(1)[3][:3] == (0x33, 0xA0, 0x2C)
+    from PIL import Image
+
+    drawn = {c for _, c in Image.open(tmp_path / "m.png").convert("RGB").getcolors(1 << 16)}
+    assert (0x33, 0xA0, 0x2C) in drawn
+    bad_values = [("1=green", "expected CLASS=#RRGGBB"), ("lava=#ff0000", "neither a class name nor an id")]
+    for bad, says in bad_values:
+        res = runner.invoke(app, ["export", str(checkpoints["spectralmamba"]), "-o", str(tmp_path / "c"),
+                                  "--class-colours", bad])
+        assert res.exit_code == 1 and says in res.output and not (tmp_path / "c").exists()
 
 
 def test_dynamic_batch_and_tile_sides(checkpoints):

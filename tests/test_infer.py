@@ -73,7 +73,7 @@ def test_tiles_equal_the_whole_scene_and_keep_georeferencing(sm_bundle, scene_ti
     res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(sm_bundle), "-o", str(out),
                               "--runtime", runtime, "--tile", str(tile), "--json"])
     assert res.exit_code == 0, res.output
-    summary = json.loads(res.output)
+    summary = json.loads(res.stdout)
     assert summary["pixels"] == 10000 and summary["runtime"] == runtime
     with rasterio.open(out) as m, rasterio.open(scene_tif) as s:
         assert m.crs == s.crs and m.transform == s.transform
@@ -83,7 +83,8 @@ def test_tiles_equal_the_whole_scene_and_keep_georeferencing(sm_bundle, scene_ti
         assert m.descriptions[0].startswith("class id")
         got = m.read(1)
     np.testing.assert_array_equal(got, whole_scene_classes(sm_bundle, jasper_cube, runtime))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif"]  # no staging files left
+    # no staging files left; the sidecar holds the class names as GDAL categories
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif", "map.tif.aux.xml"]
 
 
 def test_nodata_pixels_get_class_zero_and_probabilities(sm_bundle, jasper_cube, tmp_path):
@@ -108,6 +109,40 @@ def test_nodata_pixels_get_class_zero_and_probabilities(sm_bundle, jasper_cube, 
     assert (tmp_path / "map.png").stat().st_size > 0
 
 
+def test_outputs_say_what_made_them(sm_bundle, scene_tif, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764547200")
+    out = tmp_path / "map.tif"
+    res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(sm_bundle), "-o", str(out), "--probs",
+                              "--runtime", "torch"])
+    assert res.exit_code == 0, res.output
+    manifest_sha = __import__("hashlib").sha256((sm_bundle / "manifest.json").read_bytes()).hexdigest()
+    for path in (out, tmp_path / "map.probs.tif"):
+        with rasterio.open(path) as m:
+            tags = m.tags()
+            assert m.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert tags["HSIEDGE_MODEL"] == open_bundle(sm_bundle).model_name
+        assert tags["HSIEDGE_BUNDLE_MANIFEST_SHA256"] == manifest_sha
+        ran = (tags["HSIEDGE_RUNTIME"], tags["HSIEDGE_DEVICE"], tags["HSIEDGE_PRECISION"])
+        assert ran == ("torch", "cpu", "fp32")
+        assert tags["HSIEDGE_CREATED"] == "2025-12-01T00:00:00Z" and tags["HSIEDGE_SCENE"] == scene_tif.name
+        assert tags["HSIEDGE_VERSION"] == __import__("hsiedge").__version__
+    assert (tmp_path / "map.tif.aux.xml").read_text().count("<Category>") == 1 + 4  # nodata + 4 classes
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "soon")
+    res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(sm_bundle), "-o", str(tmp_path / "b")])
+    assert res.exit_code == 1 and "SOURCE_DATE_EPOCH" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_plain_progress_lines_when_stderr_is_not_a_terminal(sm_bundle, scene_tif, tmp_path, monkeypatch):
+    monkeypatch.setenv("HSIEDGE_PROGRESS_SECONDS", "0")  # a line after every tile
+    res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(sm_bundle), "-o",
+                              str(tmp_path / "m.tif"), "--runtime", "torch", "--tile", "25", "--json"])
+    assert res.exit_code == 0, res.output
+    lines = [x for x in res.stderr.splitlines() if x.startswith("classifying:")]
+    assert len(lines) == 16 and "16/16 tiles, 100.0 % of pixels" in lines[-1] and "px/s, about" in lines[-1]
+    assert json.loads(res.stdout)["tiles"] == 16  # stdout stays clean JSON
+
+
 def test_band_mismatch_is_refused_before_any_work(sm_bundle, jasper_cube, tmp_path):
     scene = write_geotiff(tmp_path / "short.tif", jasper_cube[:, :, :197])
     out = tmp_path / "map.tif"
@@ -129,9 +164,13 @@ def test_envi_scene(sm_bundle, jasper_cube, tmp_path):
     assert res.exit_code == 0, res.output
     with rasterio.open(out) as m:
         assert m.transform.c == 560000 and m.transform.a == 20 and m.read(1).min() >= 1
+        assert m.crs.to_epsg() == 32610  # from `map info` alone: UTM zone 10 North, WGS-84
 
 
-def test_resume_after_kill_gives_an_identical_file(sm_bundle, scene_tif, tmp_path):
+def test_resume_after_kill_gives_an_identical_file(sm_bundle, scene_tif, tmp_path, monkeypatch):
+    # separate runs give identical files at one SOURCE_DATE_EPOCH; the resumed run below is
+    # given another and must keep the interrupted run's creation time
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764547200")
     whole = tmp_path / "whole.tif"
     args = ["--bundle", str(sm_bundle), "--tile", "8", "--runtime", "torch"]
     res = runner.invoke(app, ["infer", str(scene_tif), "-o", str(whole), *args])
@@ -155,9 +194,10 @@ def test_resume_after_kill_gives_an_identical_file(sm_bundle, scene_tif, tmp_pat
 
     res = runner.invoke(app, ["infer", str(scene_tif), "-o", str(out), *args])
     assert res.exit_code == 1 and "--resume" in res.output  # an interrupted run is not silently redone
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
     res = runner.invoke(app, ["infer", str(scene_tif), "-o", str(out), *args, "--resume", "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["tiles_resumed"] >= done
+    assert json.loads(res.stdout)["tiles_resumed"] >= done
     assert out.read_bytes() == whole.read_bytes()
     assert not journal.exists()
 
@@ -173,7 +213,7 @@ def test_image_model_runs_the_whole_scene_when_it_fits_the_budget(mh_bundle, sce
     res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(mh_bundle), "-o", str(out),
                               "--runtime", "torch", "--json"])
     assert res.exit_code == 0, res.output
-    s = json.loads(res.output)
+    s = json.loads(res.stdout)
     assert (s["tiles"], s["tile"], s["overlap"]) == (1, 100, 0)
     with rasterio.open(out) as m:
         np.testing.assert_array_equal(m.read(1), whole_scene_classes(mh_bundle, jasper_cube, "torch"))
@@ -186,7 +226,7 @@ def test_image_model_tile_follows_the_memory_budget(mh_bundle, scene_tif, tmp_pa
     res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(mh_bundle), "-o",
                               str(tmp_path / "a.tif"), "--runtime", "torch", "--memory", "600", "--json"])
     assert res.exit_code == 0, res.output
-    s = json.loads(res.output)
+    s = json.loads(res.stdout)
     assert (s["tile"], s["overlap"]) == (64, 16) and s["tiles"] == 9  # cores of 48: 3 x 3 over 100 x 100
     # onnxruntime needs 80 MiB more and ~2.3x more per pixel: the same budget is too small,
     # said in one line
@@ -199,7 +239,7 @@ def test_image_model_tile_follows_the_memory_budget(mh_bundle, scene_tif, tmp_pa
 def test_parity_check_reports_the_tiling_effect_apart(mh_bundle, scene_tif, jasper_cube, tmp_path):
     res = runner.invoke(app, ["parity-check", str(mh_bundle), "--tile", "48", "--overlap", "16", "--json"])
     assert res.exit_code == 0, res.output
-    report = json.loads(res.output)
+    report = json.loads(res.stdout)
     effect = report["original"]["tiling_effect"]
     assert (effect["tile"], effect["overlap"], effect["tiles"]) == (48, 16, 16)  # cores of 32: 4 x 4 over 100
     assert "tiling_effect" in report["results"][0] and "agreement" not in report["results"][0]["checks"]
@@ -218,16 +258,16 @@ def test_parity_check_reports_the_tiling_effect_apart(mh_bundle, scene_tif, jasp
     # by default, the tiles `hsiedge infer` would pick for the checked runtime (onnxruntime)
     res = runner.invoke(app, ["parity-check", str(mh_bundle), "--json"])
     assert res.exit_code == 0, res.output
-    effect = json.loads(res.output)["results"][0]["tiling_effect"]
+    effect = json.loads(res.stdout)["results"][0]["tiling_effect"]
     res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(mh_bundle), "-o",
                               str(tmp_path / "o.tif"), "--runtime", "onnxruntime", "--json"])
-    picked = json.loads(res.output)
+    picked = json.loads(res.stdout)
     assert (effect["tile"], effect["overlap"], effect["tiles"]) == (picked["tile"], picked["overlap"],
                                                                     picked["tiles"])
     # a budget the whole scene fits in: one tile, no tiling effect at all
     res = runner.invoke(app, ["parity-check", str(mh_bundle), "--memory", "4000", "--json"])
     assert res.exit_code == 0, res.output
-    effect = json.loads(res.output)["results"][0]["tiling_effect"]
+    effect = json.loads(res.stdout)["results"][0]["tiling_effect"]
     assert effect["tiles"] == 1 and effect["agreement"] == 1.0
 
 
@@ -247,6 +287,7 @@ def test_full_disk_mid_run_keeps_finished_tiles_and_resumes(sm_bundle, scene_tif
 
     from hsiedge.infer import Staging
 
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764547200")
     args = ["--bundle", str(sm_bundle), "--tile", "25", "--runtime", "torch"]
     whole = tmp_path / "whole.tif"
     assert runner.invoke(app, ["infer", str(scene_tif), "-o", str(whole), *args]).exit_code == 0
@@ -262,7 +303,7 @@ def test_full_disk_mid_run_keeps_finished_tiles_and_resumes(sm_bundle, scene_tif
     assert len(journal.read_text().splitlines()) == 1 + 5  # header + the five tiles that were stored
     res = runner.invoke(app, ["infer", str(scene_tif), "-o", str(out), *args, "--resume", "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["tiles_resumed"] == 5
+    assert json.loads(res.stdout)["tiles_resumed"] == 5
     assert out.read_bytes() == whole.read_bytes() and not journal.exists()
 
 
@@ -271,6 +312,7 @@ def test_failed_map_write_leaves_nothing_under_the_final_name(sm_bundle, scene_t
 
     import hsiedge.io.writer as writer
 
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764547200")
     args = ["--bundle", str(sm_bundle), "--runtime", "torch"]
     whole = tmp_path / "whole.tif"
     assert runner.invoke(app, ["infer", str(scene_tif), "-o", str(whole), *args]).exit_code == 0
@@ -283,7 +325,7 @@ def test_failed_map_write_leaves_nothing_under_the_final_name(sm_bundle, scene_t
         res = runner.invoke(app, ["infer", str(scene_tif), "-o", str(out), *args])
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
     assert "TIFFAppendToStrip" in res.output and "MiB free" in res.output and "--resume" in res.output
-    assert not out.exists() and not list(tmp_path.glob("*partial*"))
+    assert not out.exists() and not list(tmp_path.glob("*partial*")) and not list(tmp_path.glob("*stage*"))
     res = runner.invoke(app, ["infer", str(scene_tif), "-o", str(out), *args, "--resume"])
     assert res.exit_code == 0, res.output
     assert out.read_bytes() == whole.read_bytes()

@@ -144,6 +144,31 @@ def test_envi_round_trip(tmp_path, real_cube, interleave, byte_order):
         np.testing.assert_array_equal(s.read(Window(5, 9, 13, 17)), real_cube[5:18, 9:26])
 
 
+def test_envi_crs_from_map_info_alone(tmp_path, real_cube):
+    rows, cols, bands = real_cube.shape
+    real_cube.astype("<u2").tofile(tmp_path / "s.img")
+    (tmp_path / "s.hdr").write_text(
+        f"ENVI\nsamples = {cols}\nlines = {rows}\nbands = {bands}\ndata type = 12\ninterleave = bip\n"
+        "byte order = 0\nmap info = {UTM, 1, 1, 560000, 4140000, 20, 20, 10, North, WGS-84}\n")
+    with open_scene(tmp_path / "s.img") as s:
+        assert CRS.from_wkt(s.crs).to_epsg() == 32610
+        assert s.transform == (20.0, 0.0, 560000.0, 0.0, -20.0, 4140000.0)
+
+
+def test_plantcv_cube_without_byte_order_reads_little_endian(datasets):
+    """The real PlantCV header has no `byte order`: read as little-endian, with a warning."""
+    hdr = datasets / "plantcv_corn_kernel" / "corn-kernel-hyperspectral.hdr"
+    raw = hdr.with_suffix(".raw")
+    with pytest.warns(UserWarning, match="no 'byte order'"), open_scene(raw) as s:
+        cube = s.read()
+    rows, cols, bands = 31, 43, 580  # from the header; BIL
+    ref = np.fromfile(raw, dtype="<u2", count=rows * bands * cols).reshape(rows, bands, cols)
+    ref = ref.transpose(0, 2, 1)
+    assert cube.shape == (rows, cols, bands)
+    np.testing.assert_array_equal(cube, ref)
+    assert s.wavelengths[0] == pytest.approx(366.551)
+
+
 def test_npy_and_hdf5_mat_round_trip(tmp_path, real_cube):
     np.save(tmp_path / "s.npy", real_cube)
     with open_scene(tmp_path / "s.npy") as s:
@@ -192,15 +217,19 @@ def test_bad_inputs_get_one_sentence(tmp_path: Path, datasets, real_cube):
     np.save(tmp_path / "flat.npy", np.zeros((4, 5)))
     msg = _error(open_scene, tmp_path / "flat.npy")
     assert "expected a 3-D (rows, cols, bands) array, found shape (4, 5)" in msg
-    # ENVI: truncated data, unknown interleave, missing field
+    # ENVI (GDAL's reasons): truncated data, unknown interleave, missing field, not a header
     (tmp_path / "e.raw").write_bytes(real_cube.astype("<u2").tobytes()[:1000])
     hdr = "ENVI\nsamples = 45\nlines = 37\nbands = 20\ndata type = 12\nbyte order = 0\ninterleave = {}\n"
     (tmp_path / "e.hdr").write_text(hdr.format("bip"))
-    assert "(truncated?)" in _error(open_scene, tmp_path / "e.hdr")
+    msg = _error(open_scene, tmp_path / "e.hdr")
+    assert "e.raw: expected an ENVI raster described by e.hdr" in msg and "too small" in msg
+    (tmp_path / "e.raw").write_bytes(bytes(45 * 37 * 20 * 2))
     (tmp_path / "e.hdr").write_text(hdr.format("zigzag"))
     assert "expected interleave bsq, bil or bip, found 'zigzag'" in _error(open_scene, tmp_path / "e.hdr")
     (tmp_path / "e.hdr").write_text("ENVI\nsamples = 45\nlines = 37\n")
-    assert "lacks the required field 'bands'" in _error(open_scene, tmp_path / "e.hdr")
+    assert "bands keywords appears to be missing" in _error(open_scene, tmp_path / "e.hdr")
+    (tmp_path / "e.hdr").write_text("samples = 45\n")
+    assert "expected an ENVI header starting with 'ENVI'" in _error(open_scene, tmp_path / "e.raw")
     # labels: size mismatch, multi-band raster, window outside the scene
     msg = _error(read_labels, gt, shape=(100, 100))
     assert "label map is 145 x 145 but the scene is 100 x 100" in msg

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window as RioWindow
 
 from hsiedge.io.scene import Scene, SceneInfo, SceneReadError, Window, gdal_reason
@@ -55,12 +56,14 @@ def _wavelengths(src) -> tuple[np.ndarray | None, str | None]:
 class RasterScene(Scene):
     """A rasterio dataset; reads only the asked window."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, what: str = "a raster GDAL can read") -> None:
+        """`what` names the expected file in the one-sentence error when GDAL cannot open it."""
         try:
-            self._src = rasterio.open(path)
+            with warnings.catch_warnings():  # a scene without georeferencing is fine: maps say so
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self._src = rasterio.open(path)
         except RasterioError as e:
-            raise SceneReadError(f"{path}: expected a raster GDAL can read, but opening failed "
-                                 f"({gdal_reason(e)})") from e
+            raise SceneReadError(f"{path}: expected {what}, but opening failed ({gdal_reason(e)})") from e
         src = self._src
         wl, units = _wavelengths(src)
         dtypes = set(src.dtypes)
@@ -71,6 +74,10 @@ class RasterScene(Scene):
             wavelength_units=units, crs=src.crs.to_wkt() if src.crs else None,
             transform=tuple(src.transform)[:6] if not src.transform.is_identity else None,
             nodata=src.nodata, layout=src.driver))
+
+    def tags(self, namespace: str | None = None) -> dict[str, str]:
+        """The dataset's metadata items (of one GDAL metadata domain, e.g. "ENVI")."""
+        return self._src.tags(ns=namespace)
 
     def _read(self, window: Window) -> np.ndarray:
         try:
