@@ -92,6 +92,14 @@ def test_class_map_is_a_cog_with_mode_overviews(class_map):
         half = src.read(1, out_shape=(700, 650))  # the first overview
         assert np.array_equal(half, classes[::2, ::2])
     assert not list(path.parent.glob(".*"))  # no stage or partial file left behind
+    # the COG layout as GDAL's validator checks it: the structural-metadata ghost header right
+    # after the TIFF header, saying IFDS_BEFORE_DATA, and the main IFD next
+    head = path.read_bytes()[:512]
+    assert head[:4] == b"II*\0"
+    size = int(head[8:].split(b"\n", 1)[0].split(b"=")[1].split()[0])
+    ghost = head[8:8 + len("GDAL_STRUCTURAL_METADATA_SIZE=000000 bytes\n") + size]
+    assert ghost.startswith(b"GDAL_STRUCTURAL_METADATA_SIZE=") and b"LAYOUT=IFDS_BEFORE_DATA" in ghost
+    assert int.from_bytes(head[4:8], "little") == 8 + len(ghost) + len(ghost) % 2  # word-aligned
 
 
 def test_class_map_colours_names_and_provenance(class_map):
