@@ -123,8 +123,10 @@ class OnnxRuntimeRunner(Runner):
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         # ONNX Runtime's CPU arena grows in powers of two and never shrinks (MambaHSI's tiles
-        # cost 59 KB/px with it, 39 KB/px without); freed buffers go back to the process heap,
-        # which hsiedge.memory keeps bounded, at no cost in speed (measured on CPU).
+        # cost 59 KB/px with it, 39 KB/px without, portable scan); freed buffers go back to the
+        # process heap, which hsiedge.memory keeps bounded.  Its effect on speed was lost in the
+        # noise of the 2-core machine (a 128 x 128 MambaHSI tile with the scan kernel: 338-630 ms
+        # with the arena, 421-516 ms without, three alternating runs each).
         opts.enable_cpu_mem_arena = False
         if threads:
             opts.intra_op_num_threads = threads
