@@ -528,6 +528,7 @@ def infer(
     with progress:
         task = progress.add_task("infer", total=None, tiles="0", rate="-")
         state = {"t0": 0.0, "pixels": 0, "tiles": 0, "of": 0}
+        every = None if err_console.is_terminal else _progress_seconds()  # plain lines for logs
 
         def start(total_pixels: int, done_pixels: int, n_tiles: int) -> None:
             state.update(t0=time.perf_counter(), of=n_tiles)
@@ -540,7 +541,7 @@ def infer(
             rate = state["pixels"] / max(now - state["t0"], 1e-9)
             progress.update(task, advance=pixels, tiles=f"{state['tiles']}/{state['of']}",
                             rate=f"{rate:,.0f}")
-            if not err_console.is_terminal and now - state.get("said", state["t0"]) >= _progress_seconds():
+            if every is not None and now - state.get("said", state["t0"]) >= every:
                 state["said"] = now  # a log (CI, nohup, a scheduler) gets a plain line now and then
                 t = progress.tasks[0]
                 left = (t.total - t.completed) / rate if t.total else 0.0
