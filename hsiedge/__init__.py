@@ -1,3 +1,3 @@
 """hsiedge: Mamba hyperspectral classifiers from PyTorch to edge hardware, with proof of parity."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -47,7 +47,10 @@ class Checkpoint:
             model.load_state_dict(self.state_dict)
         except RuntimeError as e:
             first = str(e).strip().splitlines()
-            raise CheckpointError(f"state_dict does not fit {self.model_name} {self.config}: "
+            older = "" if self.hsiedge_version == __version__ else (
+                f" (saved by hsiedge {self.hsiedge_version}, this is {__version__}: the model's "
+                f"structure may have changed since; retrain it)")
+            raise CheckpointError(f"state_dict does not fit {self.model_name} {self.config}{older}: "
                                   f"{first[1].strip() if len(first) > 1 else first[0]}") from None
         return model.eval()
 

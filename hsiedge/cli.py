@@ -127,6 +127,8 @@ def train(
     key: str | None = typer.Option(None, "--key", help="Array of a .mat scene holding the cube."),
     labels_key: str | None = typer.Option(None, "--labels-key", help="Array of a .mat label file."),
     as_json: bool = typer.Option(False, "--json", help="Print the test metrics as JSON."),
+    options: list[str] = typer.Option([], "--option", help="Model option KEY=VALUE, repeatable "
+                                      "(e.g. pooling=centre-weighted for md2f-mamba)."),
 ) -> None:
     """Train a seed model on a labelled scene and write a checkpoint."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -134,11 +136,16 @@ def train(
     from hsiedge.checkpoint import save_checkpoint
     from hsiedge.io import SceneReadError, open_scene, read_labels
     from hsiedge.models import MODELS
+    from hsiedge.models.registry import parse_model_options
     from hsiedge.splits import parse_protocol
     from hsiedge.train import RECIPES, train_model
 
     if model not in MODELS:
         fail(f"unknown model '{model}'; choose one of: {', '.join(MODELS)}")
+    try:
+        model_config = parse_model_options(model, options)
+    except ValueError as e:
+        fail(str(e))
     if device not in ("cpu", "cuda"):
         fail(f"--device must be cpu or cuda, got {device!r}")
     if device == "cuda":
@@ -167,7 +174,7 @@ def train(
         try:
             result = train_model(model, cube, lm.labels, protocol=protocol, seed=seed, epochs=n_epochs,
                                  device=device, class_names=lm.class_names, nodata=nodata,
-                                 on_epoch=lambda r: progress.update(
+                                 model_config=model_config, on_epoch=lambda r: progress.update(
                                      task, completed=r["epoch"], loss=r["loss"], val=r["val_oa"]))
         except ValueError as e:
             fail(str(e))

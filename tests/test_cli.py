@@ -33,3 +33,21 @@ def test_console_script_is_installed():
     assert exe.is_file(), f"no hsiedge console script at {exe} (package not installed?)"
     out = subprocess.run([str(exe), "models"], capture_output=True, text=True, check=True).stdout
     assert "mambahsi" in out and "412,239" in out
+
+
+def test_train_model_options_are_checked_before_any_work(tmp_path):
+    """`--option KEY=VALUE` reaches the model's constructor; bad ones are one sentence, exit 2."""
+    from hsiedge.models.registry import parse_model_options
+
+    assert parse_model_options("md2f-mamba", ["pooling=centre-weighted", "d_state=8"]) == {
+        "pooling": "centre-weighted", "d_state": 8}
+    runner = CliRunner()
+    scene = tmp_path / "missing.tif"  # never read: the options fail first
+    for option, message in [("nope=1", "md2f-mamba has no option 'nope'; it takes patch_size, hidden_dim"),
+                            ("d_state=eight", "md2f-mamba option d_state takes an integer, got 'eight'"),
+                            ("in_channels=3", "has no option 'in_channels'"),
+                            ("pooling", "model option 'pooling' is not KEY=VALUE")]:
+        r = runner.invoke(app, ["train", "md2f-mamba", "--scene", str(scene), "--labels", str(scene),
+                                "-o", str(tmp_path / "m.pt"), "--option", option])
+        assert r.exit_code != 0 and message in r.output, (option, r.output)
+        assert "Traceback" not in r.output and not (tmp_path / "m.pt").exists()

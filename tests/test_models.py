@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import SCAN_CALLS
 from torch.export import Dim
 
 from hsiedge.models import MODELS, Mamba, build_model, count_parameters
@@ -75,13 +76,11 @@ def test_mambahsi_official_state_dict_keys():
 
 
 def test_paper_parameter_budgets():
-    """Reconstructions are sized like the papers report (Botswana / Pavia University)."""
+    """SpectralMamba is sized like its paper reports on Botswana (MD2F-Mamba: test_md2f_mamba)."""
     patch = count_parameters(build_model("spectralmamba", in_channels=145, num_classes=14))
     pixel = count_parameters(build_model("spectralmamba", in_channels=145, num_classes=14, patch_size=0))
     assert abs(patch - 34_960) / 34_960 < 0.10 and abs(pixel - 12_330) / 12_330 < 0.10
     assert patch - pixel == 145 * 9 + 145 + 145 * 145 + 145 + 7 * 7  # GSSM convolutions + merge weights
-    md2f = count_parameters(build_model("md2f-mamba", in_channels=30, num_classes=9))
-    assert abs(md2f - 92_000) / 92_000 < 0.05
 
 
 def test_mambahsi_on_real_scene(scene):
@@ -167,7 +166,7 @@ def test_patch_models_export_with_dynamic_batch(name, cfg, shape):
     model = build_model(name, **cfg).eval()
     ep = torch.export.export(model, (torch.randn(*shape),),
                              dynamic_shapes={"x": {0: Dim("batch", min=1, max=1 << 20)}})
-    assert scan_nodes(ep) == n_mamba(model) >= 1
+    assert scan_nodes(ep) == SCAN_CALLS[name]
     x = torch.randn(11, *shape[1:])
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)

@@ -71,6 +71,18 @@ def test_official_bare_mambahsi_state_dict(tmp_path):
                         num_classes=9)
 
 
+def test_checkpoint_from_another_version_that_does_not_fit_says_so(tmp_path):
+    """MD2F-Mamba's structure changed in 0.2.0: an older checkpoint is refused, naming both versions."""
+    from hsiedge.checkpoint import Checkpoint, save_checkpoint
+
+    other = build_model("md2f-mamba", in_channels=30, num_classes=4, hidden_dim=32).state_dict()
+    config = {"in_channels": 30, "num_classes": 4}
+    path = save_checkpoint(tmp_path / "old.pt",
+                           Checkpoint("md2f-mamba", config, other, hsiedge_version="0.1.0"))
+    with pytest.raises(CheckpointError, match=r"saved by hsiedge 0\.1\.0, this is .*retrain it"):
+        load_checkpoint(path).build()
+
+
 class _NotData:
     pass
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ MODELS: dict[str, ModelSpec] = {
                   "SpectralMamba, Yao et al. 2024 (reconstruction)"),
         ModelSpec("md2f-mamba", MD2FMamba, {"in_channels": 30, "num_classes": 9, "patch_size": 13},
                   "PCA patch (B, 30, 13, 13)",
-                  "MD2F-Mamba, Wan et al. 2026 (reconstruction)"),
+                  "MD2F-Mamba, Wan et al. 2026 (paper's blocks and equations)"),
     )
 }
 
@@ -52,3 +53,38 @@ def build_model(name: str, **config: Any) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# Set by training from the data, never by hand.
+DATA_OPTIONS = ("in_channels", "num_classes")
+
+
+def parse_model_options(name: str, items: Iterable[str]) -> dict[str, Any]:
+    """KEY=VALUE strings -> a config for `name`'s constructor (ints, floats, else strings).
+
+    Keys must be arguments of the model's constructor other than those training takes from
+    the data; raises ValueError naming the allowed ones otherwise."""
+    params = inspect.signature(MODELS[name].factory).parameters
+    allowed = [p for p in params if p not in DATA_OPTIONS]
+    config: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"model option {item!r} is not KEY=VALUE")
+        if key not in allowed:
+            raise ValueError(f"{name} has no option {key!r}; it takes {', '.join(allowed)}")
+        value: Any = raw.strip()
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        default = params[key].default
+        if isinstance(default, int | float) and not isinstance(value, type(default)) \
+                and not (isinstance(default, float) and isinstance(value, int)):
+            kind = "an integer" if isinstance(default, int) else "a number"
+            raise ValueError(f"{name} option {key} takes {kind}, got {raw.strip()!r}")
+        config[key] = value
+    return config
