@@ -26,14 +26,26 @@ from hsiedge.bundle import INPUT_NAME, OUTPUT_NAME, BundleWriter, class_table, p
 from hsiedge.checkpoint import Checkpoint, load_checkpoint
 from hsiedge.export import onnx_model, portable, scan_functions, scan_node
 from hsiedge.export.onnx_model import ExportError
+from hsiedge.io.scene import Window
 from hsiedge.models import count_parameters
 from hsiedge.parity import THRESHOLDS, ParityData, check_bundle, parity_data
+from hsiedge.preprocess import valid_mask
 from hsiedge.tiling import IMAGE_MULTIPLE, PixelInputs, image_batch
 
 SCANS = ("plugin", "portable")
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIB_PIXELS = 2048  # patch/pixel models: calibration samples drawn from the scene
-CALIB_TILE = 256  # image models: tiles of this side when the scene is larger than 2 tiles
+CALIB_WINDOW, CALIB_WINDOWS = 64, 32  # ... from this many random windows of this side (large scenes)
+# Image models: the whole image up to 2 tiles a side, else this many random tiles of this side.
+# The calibrator runs the scans as their ONNX function bodies, ~52 kB per tile pixel at
+# hidden width 128 (README "Streaming inference"): a 128 x 128 tile costs ~0.8 GiB.
+CALIB_TILE, CALIB_TILES = 128, 16
+# Held-out data stays bounded whatever the scene: a scene other than the training one is read
+# through its central window of at most this side (an image model runs it whole, ~22 kB per
+# pixel in torch), and patch / pixel models are checked on at most PARITY_PIXELS of its pixels
+# (a seeded sample).
+PARITY_WINDOW = {"image": 256, "patch": 512, "pixel": 512}
+PARITY_PIXELS = 16_384
 
 
 class ParityFailedError(ExportError):
@@ -55,6 +67,7 @@ class HeldOut:
     pixels: np.ndarray | None  # flat indices scored (None: every valid pixel)
     labels: np.ndarray | None  # 0-based class ids aligned with `pixels`
     description: str
+    window: Window | None = None  # the part of the scene `cube` is (None: all of it)
 
 
 def _same_file(a: str | Path | None, b: str | Path | None) -> bool:
@@ -64,8 +77,11 @@ def _same_file(a: str | Path | None, b: str | Path | None) -> bool:
         return False
 
 
-def held_out_data(ckpt: Checkpoint, scene: Path | None, key: str | None = None) -> HeldOut:
-    """The checkpoint's test split of its training scene, or every pixel of `scene`."""
+def held_out_data(ckpt: Checkpoint, scene: Path | None, key: str | None = None, kind: str = "patch",
+                  seed: int = 0) -> HeldOut:
+    """The checkpoint's test split of its training scene, or the valid pixels of `scene`, bounded:
+    a scene other than the training one is read through its central window (PARITY_WINDOW), and
+    patch / pixel models get at most PARITY_PIXELS of the pixels (a seeded sample)."""
     from hsiedge.io import SceneReadError, open_scene
 
     trained_on = ckpt.train_info.get("scene")
@@ -75,41 +91,97 @@ def held_out_data(ckpt: Checkpoint, scene: Path | None, key: str | None = None) 
                               + ("(the checkpoint records no training scene)" if not trained_on
                                  else f"(the training scene {trained_on} is not here)"))
         scene, key = Path(trained_on), ckpt.train_info.get("scene_key")
+    split = ckpt.split
     try:
         with open_scene(scene, key=key) as s:
-            cube, nodata = s.read(), s.nodata
+            shape = [s.height, s.width, s.bands]
+            if s.bands != ckpt.preprocessing.in_bands:
+                raise ExportError(f"{scene}: the model expects {ckpt.preprocessing.in_bands} bands, "
+                                  f"the scene has {s.bands}")
+            test_split = (_same_file(scene, trained_on) and split is not None and split.test.size > 0
+                          and shape == list(ckpt.train_info.get("scene_shape", shape)))
+            window, side = None, PARITY_WINDOW[kind]
+            if not test_split and (s.height > side or s.width > side):
+                h, w = min(s.height, side), min(s.width, side)
+                window = Window((s.height - h) // 2, (s.width - w) // 2, h, w)
+            cube, nodata = s.read(window), s.nodata
     except SceneReadError as e:
         raise ExportError(str(e)) from None
-    bands = ckpt.preprocessing.in_bands
-    if cube.shape[2] != bands:
-        raise ExportError(f"{scene}: the model expects {bands} bands, the scene has {cube.shape[2]}")
-    split = ckpt.split
-    if _same_file(scene, trained_on) and split is not None and split.test.size \
-            and list(cube.shape) == list(ckpt.train_info.get("scene_shape", cube.shape)):
-        labels = None if split.test_labels is None else split.test_labels - 1
+    where = "" if window is None else f" of its central {window.height} x {window.width} window"
+    if test_split:
+        pixels, labels = split.test, None if split.test_labels is None else split.test_labels - 1
         what = f"test split ({split.test.size} pixels, {split.protocol}, seed {split.seed})"
-        return HeldOut(scene, key, cube, nodata, split.test, labels, f"{scene.name}: {what}")
-    return HeldOut(scene, key, cube, nodata, None, None, f"{scene.name}: every valid pixel")
+    else:
+        pixels, labels, what = None, None, f"every valid pixel{where}"
+    if kind != "image":
+        candidates = pixels if pixels is not None else np.flatnonzero(valid_mask(cube, nodata).reshape(-1))
+        if candidates.size > PARITY_PIXELS:
+            keep = np.sort(np.random.default_rng(seed).choice(candidates.size, PARITY_PIXELS, replace=False))
+            pixels, labels = candidates[keep], None if labels is None else labels[keep]
+            what = (f"{PARITY_PIXELS} pixels sampled from the " + (what if test_split else
+                                                                   f"valid pixels{where}"))
+    return HeldOut(scene, key, cube, nodata, pixels, labels, f"{scene.name}: {what}", window)
+
+
+def _calibration_regions(data: HeldOut, side: int, count: int, rng: np.random.Generator
+                         ) -> list[tuple[np.ndarray, float | None]]:
+    """`count` random windows of at most `side` pixels a side, over the WHOLE scene: from the
+    cube in memory, or read one by one from the file when only a window of it is held."""
+    if data.window is None:
+        h, w = data.cube.shape[:2]
+        read = lambda win: data.cube[win.row:win.row + win.height, win.col:win.col + win.width]  # noqa: E731
+        nodata, scene = data.nodata, None
+    else:
+        from hsiedge.io import open_scene
+
+        scene = open_scene(data.path, key=data.key)
+        h, w, read, nodata = scene.height, scene.width, scene.read, scene.nodata
+    try:
+        wins = []
+        for _ in range(count):
+            wh, ww = min(side, h), min(side, w)
+            wins.append(Window(int(rng.integers(0, h - wh + 1)), int(rng.integers(0, w - ww + 1)), wh, ww))
+        return [(np.asarray(read(win)), nodata) for win in wins]
+    finally:
+        if scene is not None:
+            scene.close()
 
 
 def calibration_samples(ckpt: Checkpoint, data: HeldOut, kind: str, patch: int, seed: int = 0
                         ) -> tuple[np.ndarray, int]:
-    """Real model inputs for int8 calibration, and the batch to feed them in."""
-    x, valid = ckpt.preprocessing.apply(data.cube, data.nodata)
-    image = torch.from_numpy(x).permute(2, 0, 1).contiguous()
-    rng = np.random.default_rng(seed)
+    """Real model inputs for int8 calibration, and the batch to feed them in, drawn from the
+    whole scene in bounded memory: image models get the image (when small) or CALIB_TILES
+    random tiles; patch / pixel models CALIB_PIXELS pixels from CALIB_WINDOWS random windows."""
+    chain, rng = ckpt.preprocessing, np.random.default_rng(seed)
+    small = data.window is None and max(data.cube.shape[:2]) <= 2 * CALIB_TILE
     if kind == "image":
-        _, h, w = image.shape
-        if h <= 2 * CALIB_TILE and w <= 2 * CALIB_TILE:
-            return image_batch(image), 1
-        tiles = []
-        for _ in range(8):
-            r, c = rng.integers(0, max(1, h - CALIB_TILE)), rng.integers(0, max(1, w - CALIB_TILE))
-            tiles.append(image_batch(image[:, r:r + CALIB_TILE, c:c + CALIB_TILE]))
+        regions = ([(data.cube, data.nodata)] if small
+                   else _calibration_regions(data, CALIB_TILE, CALIB_TILES, rng))
+        tiles = [image_batch(torch.from_numpy(chain.apply(cube, nodata)[0]).permute(2, 0, 1).contiguous())
+                 for cube, nodata in regions]
         return np.concatenate(tiles), 1
-    candidates = np.flatnonzero(valid.reshape(-1))
-    idx = np.sort(rng.choice(candidates, size=min(CALIB_PIXELS, candidates.size), replace=False))
-    return PixelInputs(image, kind, patch)(idx).numpy(), 128
+    r = patch // 2 if kind == "patch" else 0
+    if data.window is None:  # the whole scene is in memory: as many pixels as asked, from anywhere
+        regions, per_region = [(data.cube, data.nodata)], CALIB_PIXELS
+    else:
+        regions, per_region = _calibration_regions(data, CALIB_WINDOW + 2 * r, CALIB_WINDOWS, rng), \
+            -(-CALIB_PIXELS // CALIB_WINDOWS)
+    samples = []
+    for cube, nodata in regions:
+        x, valid = chain.apply(cube, nodata)
+        if data.window is not None and r:  # only pixels whose whole patch lies inside the window
+            inner = np.zeros_like(valid)
+            inner[r:valid.shape[0] - r, r:valid.shape[1] - r] = True
+            valid &= inner
+        candidates = np.flatnonzero(valid.reshape(-1))
+        if candidates.size == 0:
+            continue
+        idx = np.sort(rng.choice(candidates, size=min(per_region, candidates.size), replace=False))
+        image = torch.from_numpy(x).permute(2, 0, 1).contiguous()
+        samples.append(PixelInputs(image, kind, patch)(idx).numpy())
+    if not samples:
+        raise ExportError(f"{data.path}: no valid pixels to calibrate int8 on (all nodata or NaN)")
+    return np.concatenate(samples)[:CALIB_PIXELS], 128
 
 
 def _versions() -> dict[str, str]:
@@ -163,11 +235,11 @@ def export_bundle(
     kind, patch = getattr(model, "input_kind", "patch"), int(getattr(model, "patch_size", 0))
     names = ckpt.class_names or [f"class {i + 1}" for i in range(model.num_classes)]
     try:
-        colours = parse_class_colours(class_colours, names) if class_colours else None
+        colours = parse_class_colours(class_colours, names) if class_colours else ckpt.class_colours
     except ValueError as e:
         raise ExportError(str(e)) from None
     step("reading the held-out scene")
-    data = held_out_data(ckpt, Path(calib) if calib else None, calib_key)
+    data = held_out_data(ckpt, Path(calib) if calib else None, calib_key, kind)
 
     step("torch -> ONNX (dynamo exporter)")
     graph = onnx_model.torch_to_onnx(model)
@@ -223,7 +295,8 @@ def export_bundle(
             "plugin": scan_node.plugin_requirement() if scan == "plugin" else None,
             "calibration": calibration,
             "heldout": {"scene": str(data.path), "key": data.key, "description": data.description,
-                        "labelled": data.labels is not None},
+                        "labelled": data.labels is not None,
+                        "window": None if data.window is None else list(data.window)},
             "exporters": _versions(),
             "training": {k: ckpt.train_info.get(k) for k in ("protocol", "seed", "epochs")},
         }

@@ -25,7 +25,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import onnx
+
 from hsiedge.bundle import INPUT_NAME
+from hsiedge.export import scan_node
 from hsiedge.runtimes.trt_library import (
     PORTABLE_CCS,
     TensorRTLibrary,
@@ -163,6 +166,12 @@ def _build(lib: TensorRTLibrary, onnx_bytes: bytes, profile: Profile, target: st
     if plugin_library is not None and builder.get_plugin_registry().load_library(str(plugin_library)) is None:
         raise EngineBuildError(f"{plugin_library}: {lib.name} {lib.version} could not load it as a plugin "
                                "library (built against another TensorRT, or not an hsiedge plugin build?)")
+    model = onnx.load_from_string(onnx_bytes)
+    try:
+        if scan_node.for_tensorrt_parser(model):  # no empty input names for the parser
+            onnx_bytes = model.SerializeToString()
+    except ValueError as e:
+        raise EngineBuildError(str(e)) from None
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes):

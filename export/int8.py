@@ -40,17 +40,30 @@ PERCENTILE = 99.999
 
 
 class _Batches(CalibrationDataReader):
-    """Equal-sized batches of the samples (onnxruntime's histogram collectors stack them)."""
+    """Equal-sized batches of the samples, handed to the calibrator one at a time.
+
+    onnxruntime's calibrators keep every intermediate tensor of every batch they are given
+    before reducing them to ranges or histograms (MD2F-Mamba: 5.8 GiB for 2,048 patches).  With
+    its `CalibStridedMinMax` option it asks for `len()` batches in strides, setting the range of
+    each stride with `set_range` and folding it into the running histograms before the next one,
+    so a stride of one batch bounds calibration memory by one batch's activations."""
 
     def __init__(self, samples: np.ndarray, batch: int) -> None:
-        full = max(1, samples.shape[0] // batch) * batch
-        self._samples, self._batch, self._at, self._end = samples, batch, 0, min(full, samples.shape[0])
+        self._samples, self._batch = samples, batch
+        self._count = max(1, samples.shape[0] // batch)
+        self.set_range(0, self._count)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._at, self._end = start_index, min(end_index, self._count)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._at >= self._end:
             return None
-        x = self._samples[self._at:self._at + self._batch]
-        self._at += self._batch
+        x = self._samples[self._at * self._batch:(self._at + 1) * self._batch]
+        self._at += 1
         return {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
 
 
@@ -97,6 +110,8 @@ def quantize_int8(model: onnx.ModelProto, samples: np.ndarray, batch: int = 256,
         "CalibTensorRangeSymmetric": True,
         # Biases stay float: TensorRT folds them into its int8 kernels and takes no int32 bias Q/DQ.
         "QuantizeBias": False,
+        # One batch per collection pass: memory bounded by one batch, whatever the sample count.
+        "CalibStridedMinMax": 1,
     }
     if method == "percentile":
         extra["CalibPercentile"] = PERCENTILE

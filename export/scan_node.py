@@ -84,3 +84,29 @@ def check_node(node: onnx.NodeProto) -> None:
     if len(node.input) != len(INPUTS) or len(node.output) != 1:
         raise ValueError(f"{node.name}: {len(node.input)} inputs / {len(node.output)} outputs, "
                          f"expected {len(INPUTS)} / 1")
+
+
+def for_tensorrt_parser(model: onnx.ModelProto) -> bool:
+    """Drop trailing absent inputs of every SelectiveScan node, in place; True if any changed.
+
+    TensorRT's ONNX parser hands the plugin a null tensor for an empty input name, which
+    TensorRT refuses ("addPluginV3: (input) != nullptr").  With the absent inputs at the end,
+    the plugin takes the remaining optional inputs in role order (D, z, delta_bias).  An absent
+    input followed by a present one cannot be said that way: ValueError.  The result is for the
+    parser only; bundles keep Contract 2's eight positional inputs.
+    """
+    changed = False
+    for node in scan_nodes(model):
+        names = list(node.input)
+        while names and not names[-1]:
+            names.pop()
+        if "" in names:
+            absent = [r for r, n in zip(INPUTS, names, strict=False) if not n]
+            raise ValueError(f"{node.name}: its {', '.join(absent)} input is absent but a later one is "
+                             "present, which TensorRT's ONNX parser cannot pass to the plugin; export the "
+                             "model with the absent inputs last (fold delta_bias into delta, or give z)")
+        if len(names) != len(node.input):
+            del node.input[:]
+            node.input.extend(names)
+            changed = True
+    return changed

@@ -39,6 +39,7 @@ class Checkpoint:
     metrics: dict[str, Any] = field(default_factory=dict)
     train_info: dict[str, Any] = field(default_factory=dict)
     hsiedge_version: str = __version__
+    class_colours: dict[int, tuple[int, int, int]] | None = None  # class id (1-based) -> RGB, for maps
 
     def build(self) -> nn.Module:
         """The model with these weights, in eval mode."""
@@ -70,6 +71,8 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
             **({} if ckpt.split.test_labels is None else
                {"test_labels": torch.from_numpy(ckpt.split.test_labels)})},
         "metrics": ckpt.metrics, "train_info": ckpt.train_info,
+        "class_colours": None if not ckpt.class_colours else {
+            int(k): [int(c) for c in v] for k, v in ckpt.class_colours.items()},
     }
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -116,7 +119,8 @@ def load_checkpoint(path: str | Path, model: str | None = None, **config: Any) -
             None if split is None else Split(split["train"].numpy(), split["val"].numpy(),
                                              split["test"].numpy(), split["protocol"], int(split["seed"]),
                                              _optional_numpy(split.get("test_labels"))),
-            obj.get("metrics") or {}, obj.get("train_info") or {}, obj.get("hsiedge_version", "?"))
+            obj.get("metrics") or {}, obj.get("train_info") or {}, obj.get("hsiedge_version", "?"),
+            {int(k): tuple(v) for k, v in obj["class_colours"].items()} if obj.get("class_colours") else None)
     if "format" in obj:
         raise CheckpointError(f"{path}: checkpoint format {obj['format']!r} is not {FORMAT!r}")
     if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

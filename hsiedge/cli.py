@@ -129,16 +129,30 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print the test metrics as JSON."),
     options: list[str] = typer.Option([], "--option", help="Model option KEY=VALUE, repeatable "
                                       "(e.g. pooling=centre-weighted for md2f-mamba)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run that was writing "
+                                "OUTPUT, from OUTPUT.train-state (same settings)."),
+    class_names: str | None = typer.Option(None, "--class-names", help="Names of classes 1..K: NAME,NAME,... "
+                                           "or a text file with one per line (default: the label file's, "
+                                           "else 'class 1'...)."),
+    class_colours: str | None = typer.Option(None, "--class-colours", help="Colours of the classes in maps: "
+                                             "NAME=#RRGGBB,... (by name or id; kept in the checkpoint, used "
+                                             "by export)."),
 ) -> None:
-    """Train a seed model on a labelled scene and write a checkpoint."""
+    """Train a seed model on a labelled scene and write a checkpoint.
+
+    The run's state (latest and best weights, optimiser, random generators) is saved to
+    OUTPUT.train-state after every epoch, so a killed run continues with --resume to the
+    checkpoint an uninterrupted run gives; the state is removed once OUTPUT is written."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from hsiedge.bundle import parse_class_colours
     from hsiedge.checkpoint import save_checkpoint
     from hsiedge.io import SceneReadError, open_scene, read_labels
     from hsiedge.models import MODELS
     from hsiedge.models.registry import parse_model_options
     from hsiedge.splits import parse_protocol
     from hsiedge.train import RECIPES, train_model
+    from hsiedge.train_state import TrainStateError, state_path_for
 
     if model not in MODELS:
         fail(f"unknown model '{model}'; choose one of: {', '.join(MODELS)}")
@@ -157,32 +171,68 @@ def train(
         parse_protocol(protocol)
     except ValueError as e:
         fail(str(e))
+    state_path = state_path_for(output)
+    if resume and not state_path.is_file():
+        fail(f"nothing to resume: {state_path} is not there (a run writes it after each epoch)")
+    if not resume and state_path.exists():
+        fail(f"{state_path} holds an interrupted run of {output}: pass --resume to continue it, "
+             f"or delete it to start over")
     try:
         with open_scene(scene, key=key) as s:
             cube, nodata, wavelengths = s.read(), s.nodata, s.wavelengths
         lm = read_labels(labels, key=labels_key, shape=cube.shape[:2])
     except SceneReadError as e:
         fail(str(e))
+    names = lm.class_names
+    if class_names is not None:
+        names = _class_names(class_names, lm.num_classes)
+    colours = None
+    if class_colours is not None:
+        try:
+            colours = parse_class_colours(class_colours, names or [f"class {i}" for i in
+                                                                   range(1, lm.num_classes + 1)])
+        except ValueError as e:
+            fail(str(e))
     n_epochs = RECIPES[model].epochs if epochs is None else epochs
     progress = Progress(TextColumn(f"training {model}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"),
                         TextColumn("loss {task.fields[loss]:.4f} val OA {task.fields[val]:.3f}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
                         disable=not err_console.is_terminal, transient=True)
+    every = None if err_console.is_terminal else _progress_seconds()  # plain lines for logs
+    said: dict[str, float] = {}
+
+    def epoch_done(r: dict) -> None:
+        progress.update(task, completed=r["epoch"], loss=r["loss"], val=r["val_oa"])
+        now = time.perf_counter()
+        said.setdefault("before", r["epoch"] - 1)  # epochs a resumed run had already done
+        if every is None or (now - said.get("at", -every) < every and r["epoch"] != r["epochs"]):
+            return
+        said["at"] = now  # the first epoch, then every `every` seconds, and the last
+        per_epoch = (now - t_start) / (r["epoch"] - said["before"])
+        err_console.print(f"training {model}: epoch {r['epoch']}/{r['epochs']}, loss {r['loss']:.4f}, "
+                          f"val OA {100 * r['val_oa']:.2f} % (best {100 * r['best_val_oa']:.2f} %), "
+                          f"{_duration(r['seconds'])} so far, about "
+                          f"{_duration(per_epoch * (r['epochs'] - r['epoch']))} left",
+                          highlight=False, soft_wrap=True)
+
     with progress:
         task = progress.add_task("train", total=n_epochs, loss=float("nan"), val=float("nan"))
+        t_start = time.perf_counter()
         try:
             result = train_model(model, cube, lm.labels, protocol=protocol, seed=seed, epochs=n_epochs,
-                                 device=device, class_names=lm.class_names, nodata=nodata,
-                                 model_config=model_config, on_epoch=lambda r: progress.update(
-                                     task, completed=r["epoch"], loss=r["loss"], val=r["val_oa"]))
-        except ValueError as e:
+                                 device=device, class_names=names, nodata=nodata,
+                                 model_config=model_config, on_epoch=epoch_done,
+                                 state_path=state_path, resume=resume)
+        except (ValueError, TrainStateError) as e:
             fail(str(e))
     # Where the scene is, so that `hsiedge export` can score the test split without being told.
     result.checkpoint.train_info.update({
         "scene": str(scene.resolve()), "scene_key": key, "labels": str(labels.resolve()),
         "labels_key": labels_key, "wavelengths": None if wavelengths is None else wavelengths.tolist()})
+    result.checkpoint.class_colours = colours
     save_checkpoint(output, result.checkpoint)
+    state_path.unlink(missing_ok=True)  # the checkpoint now holds everything the state did
     report = result.report
     if as_json:
         typer.echo(json.dumps({"checkpoint": str(output), "model": model, "protocol": protocol, "seed": seed,
@@ -192,6 +242,21 @@ def train(
         console.print(t)
     console.print(f"wrote {output} ({model}, {protocol}, seed {seed}, {n_epochs} epochs, "
                   f"{report['train_seconds']:.1f} s)")
+
+
+def _class_names(text: str, count: int) -> list[str]:
+    """`--class-names`: NAME,NAME,... or a text file with one name per line; exactly `count`."""
+    path = Path(text)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        where = f"{path} has"
+    else:
+        names = [n.strip() for n in text.split(",")]
+        where = "--class-names has"
+    if len(names) != count or not all(names) or len(set(names)) != len(names):
+        fail(f"{where} {len(names)} names ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}); "
+             f"the labels have {count} classes, and each needs its own non-empty name")
+    return names
 
 
 def _pct(v: float | None) -> str:
@@ -222,16 +287,19 @@ def _parity_table(report: dict, title: str) -> Table:
 
 
 def _tiling_table(report: dict) -> Table:
-    rows = [("torch (original)", report["original"]["tiling_effect"])]
-    rows += [(r["runtime"], r["tiling_effect"]) for r in report["results"] if "tiling_effect" in r]
-    te = rows[0][1]
-    t = Table(title=f"tiling effect (not parity): {te['tiles']} tile(s) of {te['tile']} px overlapping by "
-                    f"{te['overlap']}, against a whole-scene run of the same runtime")
-    for col in ("runtime", "agree", "differ", "OA whole→tiled", "ΔOA pt"):
-        t.add_column(col, justify="left" if col == "runtime" else "right")
-    for name, e in rows:
+    rows = [("torch", "original", report["original"]["tiling_effect"])]
+    rows += [(r["runtime"], r["precision"], r["tiling_effect"])
+             for r in report["results"] if "tiling_effect" in r]
+    t = Table(title="tiling effect (not parity): the tiles `hsiedge infer --runtime R` uses on this scene, "
+                    "against a whole-scene run of the same runtime",
+              caption=f"infer's default runtime for this bundle: {report.get('infer_default_runtime', '?')}")
+    for col in ("runtime", "tiles infer uses", "agree", "differ", "OA whole→tiled", "ΔOA pt"):
+        t.add_column(col, justify="left" if col in ("runtime", "tiles infer uses") else "right")
+    for name, what, e in rows:
         d = e.get("delta_oa")
-        t.add_row(name, _pct(e["agreement"]), f"{e['labels_differ']}/{e['pixels']}",
+        tiles = (f"whole scene ({e['tile']} px)" if e["whole_scene"] else
+                 f"{e['tiles']} of {e['tile']} px, overlap {e['overlap']}")
+        t.add_row(f"{name} ({what})", tiles, _pct(e["agreement"]), f"{e['labels_differ']}/{e['pixels']}",
                   "-" if d is None else f"{100 * e['oa_whole']:.2f}→{100 * e['oa_tiled']:.2f}",
                   "-" if d is None else f"{100 * d:+.2f}")
     return t
@@ -335,9 +403,9 @@ def parity_check(
     import numpy as np
 
     from hsiedge.bundle import BundleError, open_bundle
-    from hsiedge.io import SceneReadError, open_scene, read_labels
+    from hsiedge.io import SceneReadError, Window, open_scene, read_labels
     from hsiedge.parity import check_bundle, parity_data
-    from hsiedge.runtimes import RuntimeUnavailableError, runtime_names, why_unavailable
+    from hsiedge.runtimes import RuntimeUnavailableError, default_runtime, runtime_names, why_unavailable
 
     try:
         bundle = open_bundle(bundle_path)
@@ -356,7 +424,7 @@ def parity_check(
         if value is not None:
             thresholds[name] = value
     held = bundle.manifest["heldout"]
-    pixels = label_ids = None
+    pixels = label_ids = window = None
     if scene is None:
         scene, key = Path(held["scene"]), held["key"]
         if not scene.is_file():
@@ -365,11 +433,12 @@ def parity_check(
             pixels = h["pixels"] if h["pixels"].size else None
             label_ids = h.get("labels")
         source = held["description"]
+        window = held.get("window")  # export read only this part of a large scene
     else:
         source = f"{scene.name}: every valid pixel"
     try:
         with open_scene(scene, key=key) as s:
-            cube, nodata = s.read(), s.nodata
+            cube, nodata = s.read(None if window is None else Window(*window)), s.nodata
         if labels is not None:
             label_ids = read_labels(labels, key=labels_key, shape=cube.shape[:2]).labels
     except SceneReadError as e:
@@ -383,16 +452,21 @@ def parity_check(
     if bundle.input_kind == "image":
         from hsiedge.infer import DEFAULT_MEMORY_MIB, Geometry, InferError
 
-        try:
-            tiling = Geometry.for_bundle(bundle, tile, overlap, runtime=names[0] if names else "torch",
-                                         memory_mib=DEFAULT_MEMORY_MIB if memory is None else memory,
-                                         scene_shape=cube.shape[:2])
-        except InferError as e:
-            fail(str(e))
+        def tiling(runtime: str) -> Geometry:  # exactly what `hsiedge infer --runtime R` would use
+            return Geometry.for_bundle(bundle, tile, overlap, runtime=runtime,
+                                       memory_mib=DEFAULT_MEMORY_MIB if memory is None else memory,
+                                       scene_shape=cube.shape[:2])
+
+        for r in ("torch", *names):
+            try:
+                tiling(r)  # a budget that fits no tile is said before any work
+            except InferError as e:
+                fail(str(e))
     try:
         result = check_bundle(bundle, data, names, thresholds, save_dir=save_polygraphy, tiling=tiling)
     except RuntimeUnavailableError as e:
         fail(str(e))
+    result["infer_default_runtime"] = default_runtime(bundle)
     result["bundle"] = str(bundle_path)
     if report is not None:
         report.write_text(json.dumps(result, indent=2) + "\n")
@@ -499,7 +573,7 @@ def infer(
     scene: Path = typer.Argument(..., help="Scene to classify (any format `hsiedge.io` reads)."),
     bundle_path: Path = typer.Option(..., "--bundle", help="Bundle directory (`hsiedge export`)."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Class map GeoTIFF "
-                                       "(default: SCENE.classes.tif next to the scene)."),
+                                       "(default: SCENE.classes.tif in the current directory)."),
     runtime: str | None = typer.Option(None, "--runtime", help="torch, onnxruntime or tensorrt "
                                        "(default: the fastest available for the bundle)."),
     tile: int | None = typer.Option(None, "--tile", help="Tile side in pixels (patch models: the core "
@@ -576,6 +650,8 @@ def infer(
                      if summary["tiles_resumed"] else "")
                   + (f", peak memory {summary['peak_memory_mib']:,} MiB"
                      if summary["peak_memory_mib"] else ""))
+    for warning in summary["warnings"]:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

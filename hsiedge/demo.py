@@ -23,7 +23,7 @@ from hsiedge.io import read_cube
 from hsiedge.models import build_model, count_parameters
 from hsiedge.ops import available_backends
 from hsiedge.preprocess import PCA, Chain, Standardize
-from hsiedge.tiling import pixel_patches
+from hsiedge.tiling import image_logits, pixel_patches
 
 DEFAULT_SCENE = (Path(__file__).resolve().parents[2] / "shared" / "datasets" / "jasper_ridge"
                  / "JasperRidge2_R198.mat")
@@ -59,7 +59,7 @@ def run(scene: Path) -> Table:
         t0 = time.perf_counter()
         with torch.inference_mode():
             if patch is None:
-                logits = model.full_resolution_logits(x)[0].permute(1, 2, 0).reshape(-1, n_cls)
+                logits = image_logits(model, x[0]).permute(1, 2, 0).reshape(-1, n_cls)
             else:
                 logits = _batched(model, pixel_patches(x, patch), 128)  # cache-sized batches
         dt = time.perf_counter() - t0

@@ -315,8 +315,9 @@ def _softmax_u8(logits: np.ndarray) -> np.ndarray:
 
 
 def default_output(scene: Path) -> Path:
-    """`scene.tif` -> `scene.classes.tif`, next to the scene."""
-    return scene.with_name(f"{scene.stem}.classes.tif")
+    """`.../scene.tif` -> `scene.classes.tif` in the current directory (a data folder is often
+    shared or read-only, and outputs do not belong among the inputs)."""
+    return Path.cwd() / f"{scene.stem}.classes.tif"
 
 
 def infer_scene(
@@ -418,7 +419,11 @@ def infer_scene(
     pixels = scene.height * scene.width
     seconds = time.perf_counter() - t0
     done_pixels = sum(t.core.height * t.core.width for t in todo)
+    warnings = [] if scene.crs is not None else [
+        f"{scene_path.name} has no georeferencing (no CRS), so neither has the map: its pixels have no "
+        f"position on the ground"]
     return {"output": str(output), "probs": None if probs_path is None else str(probs_path),
+            "georeferenced": scene.crs is not None, "warnings": warnings,
             "quicklook": None if quicklook is None else str(quicklook), "pixels": pixels,
             "scene": str(scene_path),
             "pixels_this_run": done_pixels, "tiles": len(tiles), "tiles_resumed": len(tiles) - len(todo),

@@ -216,8 +216,9 @@ def tiling_effect(runner: Any, data: ParityData, whole: np.ndarray, tiling: Any)
     tiled = tiled_logits(runner, tiling, image)
     tiled = tiled.reshape(tiled.shape[0], -1).T[data.pixels].argmax(1)
     ref = whole.argmax(1)
+    tiles = tiling.tiles(h, w)
     out = {"tile": tiling.core + 2 * tiling.margin, "overlap": 2 * tiling.margin,
-           "tiles": len(tiling.tiles(h, w)), "pixels": int(ref.size),
+           "tiles": len(tiles), "whole_scene": len(tiles) == 1, "pixels": int(ref.size),
            "agreement": float((tiled == ref).mean()), "labels_differ": int((tiled != ref).sum())}
     if data.labels is not None and (data.labels >= 0).any():
         known = data.labels >= 0
@@ -230,12 +231,14 @@ def tiling_effect(runner: Any, data: ParityData, whole: np.ndarray, tiling: Any)
 
 def check_bundle(bundle: Bundle, data: ParityData, runtimes: list[str], thresholds: dict[str, float],
                  save_dir: str | Path | None = None,
-                 on_batch: Callable[[str, int], None] | None = None, tiling: Any = None) -> dict[str, Any]:
+                 on_batch: Callable[[str, int], None] | None = None,
+                 tiling: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """Run the original (torch runtime on the bundle's checkpoint) and each runtime on `data`.
 
     Returns the report as plain data: per runtime its figures, checks and failures, and
     `passed` over all of them.  `save_dir`: inputs and outputs in Polygraphy's formats.
-    `tiling` (an image model's `hsiedge.infer.Geometry`): also report each side's tiling effect.
+    `tiling` (image models): runtime name -> the `hsiedge.infer.Geometry` infer would use with
+    that runtime on this scene; each side's tiling effect is then reported for its own tiles.
     """
     import time
 
@@ -249,7 +252,7 @@ def check_bundle(bundle: Bundle, data: ParityData, runtimes: list[str], threshol
                     "notes": runner.notes}
             seconds = time.perf_counter() - t0
             if tiling is not None and data.kind == "image":
-                info["tiling_effect"] = tiling_effect(runner, data, pixel_logits(outs, data), tiling)
+                info["tiling_effect"] = tiling_effect(runner, data, pixel_logits(outs, data), tiling(name))
             return outs, seconds, info
 
     ref_outs, ref_seconds, ref_info = timed("torch")

@@ -70,6 +70,17 @@ def image_batch(image: torch.Tensor) -> np.ndarray:
     return pad_to_multiple(image, IMAGE_MULTIPLE)[None].numpy()
 
 
+def image_logits(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """(K, H, W) full-resolution logits of an image model on one (C, H, W) image or tile, at the
+    geometry every deployment uses: padded as `image_batch` pads it, then cropped back.
+
+    Training scores (and trains) through this too, so the model that was validated is the one
+    export, parity-check and infer run (MambaHSI's scan runs over the padded raster, so a
+    different padding would change the sequence and the labels)."""
+    _, h, w = image.shape
+    return model.full_resolution_logits(pad_to_multiple(image, IMAGE_MULTIPLE)[None])[0, :, :h, :w]
+
+
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
     """(C, H, W) -> (C, H', W') with H', W' the next multiples, reflect-padded at the bottom/right."""
     _, h, w = image.shape

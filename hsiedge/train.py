@@ -22,6 +22,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,8 @@ from hsiedge.metrics import accuracy_report
 from hsiedge.models import MODELS, build_model
 from hsiedge.preprocess import PCA, Chain, PercentileStretch, Standardize, Transform
 from hsiedge.splits import Split, make_split
-from hsiedge.tiling import PixelInputs
+from hsiedge.tiling import PixelInputs, image_logits
+from hsiedge.train_state import TrainState, data_sha256, load_state, save_state
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class ScenePredictor:
 
     def logits(self, idx: np.ndarray) -> torch.Tensor:
         if self.kind == "image":
-            full = self.model.full_resolution_logits(self.image[None])[0]  # (K, H, W)
+            full = image_logits(self.model, self.image)  # (K, H, W), padded as deployed
             return full.flatten(1).T[torch.from_numpy(idx)]
         return torch.cat([self.model(self.inputs(idx[i:i + self.batch]))
                           for i in range(0, idx.size, self.batch)])
@@ -113,8 +115,16 @@ def train_model(
     nodata: float | None = None,
     model_config: dict[str, Any] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    state_path: str | Path | None = None,
+    resume: bool = False,
 ) -> TrainResult:
-    """Train `model_name` on a (rows, cols, bands) cube and its (rows, cols) label map (0 = none)."""
+    """Train `model_name` on a (rows, cols, bands) cube and its (rows, cols) label map (0 = none).
+
+    `state_path`: the run's state is written there atomically after every epoch; with `resume`
+    the run continues from it (and must be defined exactly as the interrupted one), ending with
+    the checkpoint an uninterrupted run gives."""
+    if resume and state_path is None:
+        raise ValueError("resume needs the state_path of the interrupted run")
     if model_name not in RECIPES:
         raise ValueError(f"unknown model '{model_name}'; choose one of: {', '.join(MODELS)}")
     if cube.shape[:2] != labels.shape:
@@ -145,8 +155,20 @@ def train_model(
     gen = torch.Generator().manual_seed(seed)
     val_idx = split.val if split.val.size else split.train
     best_oa, best_state, history = -1.0, None, []
+    run = {"model": model_name, "config": config, "protocol": protocol, "seed": seed, "epochs": epochs,
+           "lr": recipe.lr, "device": device, "data": data_sha256(cube, labels)}
+    first, seconds_before = 1, 0.0
+    if resume:
+        state = load_state(state_path, run)
+        model.load_state_dict(state.model)
+        opt.load_state_dict(state.optimizer)
+        gen.set_state(state.generator)
+        torch.set_rng_state(state.torch_rng)
+        best_oa, best_state, history = state.best_oa, state.best_state, state.history
+        first, seconds_before = state.epoch + 1, state.seconds
+        t0 = time.perf_counter()  # preprocessing is redone, not counted twice
 
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first, epochs + 1):
         model.train()
         losses = []
         if recipe.batch_size is None:
@@ -168,11 +190,16 @@ def train_model(
         val_oa = float((scorer.predict(val_idx) == y[val_idx]).mean())
         if val_oa >= best_oa:
             best_oa, best_state = val_oa, copy.deepcopy(model.state_dict())
-        record = {"epoch": epoch, "loss": float(np.mean(losses)), "val_oa": val_oa, "best_val_oa": best_oa}
+        record = {"epoch": epoch, "epochs": epochs, "loss": float(np.mean(losses)), "val_oa": val_oa,
+                  "best_val_oa": best_oa, "seconds": seconds_before + time.perf_counter() - t0}
         history.append(record)
+        if state_path is not None:
+            save_state(state_path, TrainState(
+                run, epoch, model.state_dict(), opt.state_dict(), best_oa, best_state, history,
+                gen.get_state(), torch.get_rng_state(), record["seconds"]))
         if on_epoch:
             on_epoch(record)
-    train_seconds = time.perf_counter() - t0
+    train_seconds = seconds_before + time.perf_counter() - t0
 
     model.load_state_dict(best_state)
     test_idx = split.test if split.test.size else split.val

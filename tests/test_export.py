@@ -294,3 +294,65 @@ def test_polygraphy_runs_a_plugin_bundle_with_onnxruntime(exported, model):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "PASSED" in res.stdout + res.stderr
+
+
+def test_export_on_a_large_calibration_scene_stays_bounded(checkpoints, jasper_cube, tmp_path):
+    """A --calib scene larger than the held-out window: parity runs on its central 512 x 512
+    window and at most 16,384 sampled pixels, calibration on 2,048 pixels from windows over the
+    whole scene; parity-check reads back exactly that window and those pixels."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from hsiedge.export.bundle_export import CALIB_PIXELS, PARITY_PIXELS
+
+    rows, cols = 600, 530
+    mosaic = np.tile(jasper_cube, (6, 6, 1))[:rows, :cols]
+    scene = tmp_path / "mosaic.tif"
+    with rasterio.open(scene, "w", driver="GTiff", height=rows, width=cols, count=mosaic.shape[2],
+                       dtype=mosaic.dtype.name, crs="EPSG:32610", transform=from_origin(0, 0, 20, 20),
+                       interleave="pixel", tiled=True) as dst:
+        dst.write(mosaic.transpose(2, 0, 1))
+    manifest = export_bundle(checkpoints["spectralmamba"], tmp_path / "b", precision="int8", calib=scene)
+    held = manifest["heldout"]
+    assert held["window"] == [44, 9, 512, 512]  # central
+    assert f"{PARITY_PIXELS} pixels sampled from the valid pixels of its central 512 x 512" in (
+        held["description"])
+    assert manifest["calibration"]["samples"] == CALIB_PIXELS and manifest["parity"]["passed"]
+    with np.load(tmp_path / "b" / "heldout.npz") as h:
+        pixels = h["pixels"]
+    assert pixels.size == PARITY_PIXELS and pixels.max() < 512 * 512 and np.all(np.diff(pixels) > 0)
+    res = CliRunner().invoke(app, ["parity-check", str(tmp_path / "b"), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["pixels"] == PARITY_PIXELS
+    agreement = manifest["parity"]["results"][0]["figures"]["agreement"]
+    assert report["results"][0]["figures"]["agreement"] == agreement
+
+
+def test_scan_nodes_for_tensorrts_parser_lose_their_trailing_empty_inputs():
+    """TensorRT's parser gives the plugin a null tensor for an empty input name: trailing absent
+    inputs are dropped (the plugin takes the rest in role order); a hole before a present input
+    is refused with one sentence."""
+    from onnx import helper
+
+    def graph(inputs: list[str]) -> onnx.ModelProto:
+        node = helper.make_node(scan_node.OP_TYPE, inputs, ["y"], name="scan", domain=scan_node.DOMAIN)
+        return helper.make_model(helper.make_graph([node], "g", [], []))
+
+    full = graph(["u", "dt", "A", "B", "C", "D", "z", "bias"])
+    assert not scan_node.for_tensorrt_parser(full) and len(full.graph.node[0].input) == 8
+    trailing = graph(["u", "dt", "A", "B", "C", "D", "", ""])
+    assert scan_node.for_tensorrt_parser(trailing)
+    assert list(trailing.graph.node[0].input) == ["u", "dt", "A", "B", "C", "D"]
+    with pytest.raises(ValueError, match=r"scan: its z input is absent but a later one is present"):
+        scan_node.for_tensorrt_parser(graph(["u", "dt", "A", "B", "C", "D", "", "bias"]))
+
+
+def test_md2f_scan_has_only_trailing_absent_inputs():
+    """MD2F-Mamba's scan has no z and folds its step bias into delta, so TensorRT can parse it."""
+    from hsiedge.export import onnx_model
+    from hsiedge.models import build_model
+
+    graph = onnx_model.torch_to_onnx(build_model("md2f-mamba", in_channels=30, num_classes=4))
+    (node,) = scan_node.scan_nodes(graph)
+    assert [bool(n) for n in node.input] == [True] * 6 + [False, False]

@@ -255,15 +255,22 @@ def test_parity_check_reports_the_tiling_effect_apart(mh_bundle, scene_tif, jasp
         pixels = h["pixels"]
     assert effect["pixels"] == pixels.size
     assert effect["agreement"] == pytest.approx((tiled[pixels] == whole[pixels]).mean(), abs=1e-12)
-    # by default, the tiles `hsiedge infer` would pick for the checked runtime (onnxruntime)
-    res = runner.invoke(app, ["parity-check", str(mh_bundle), "--json"])
-    assert res.exit_code == 0, res.output
-    effect = json.loads(res.stdout)["results"][0]["tiling_effect"]
-    res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(mh_bundle), "-o",
-                              str(tmp_path / "o.tif"), "--runtime", "onnxruntime", "--json"])
-    picked = json.loads(res.stdout)
-    assert (effect["tile"], effect["overlap"], effect["tiles"]) == (picked["tile"], picked["overlap"],
-                                                                    picked["tiles"])
+    # by default, for each runtime the tiles `hsiedge infer --runtime R` picks on that scene: at
+    # 900 MiB the whole scene for both; at 740 MiB the whole scene for torch, tiles for onnxruntime
+    for budget in ([], ["--memory", "740"]):
+        res = runner.invoke(app, ["parity-check", str(mh_bundle), "--json", *budget])
+        assert res.exit_code == 0, res.output
+        report = json.loads(res.stdout)
+        for runtime, effect in (("torch", report["original"]["tiling_effect"]),
+                                ("onnxruntime", report["results"][0]["tiling_effect"])):
+            res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(mh_bundle), "--runtime",
+                                      runtime, "-o", str(tmp_path / f"{runtime}.tif"), "--json", *budget])
+            assert res.exit_code == 0, res.output
+            picked = json.loads(res.stdout)
+            assert picked["tiles"] == (1 if not budget or runtime == "torch" else 4), (runtime, picked)
+            assert (effect["tile"], effect["overlap"], effect["tiles"]) == (
+                picked["tile"], picked["overlap"], picked["tiles"]), (runtime, budget)
+            (tmp_path / f"{runtime}.tif").unlink()
     # a budget the whole scene fits in: one tile, no tiling effect at all
     res = runner.invoke(app, ["parity-check", str(mh_bundle), "--memory", "4000", "--json"])
     assert res.exit_code == 0, res.output
@@ -358,3 +365,21 @@ def test_image_tile_stays_within_a_tensorrt_engines_profile(mh_bundle):
     capped = Geometry.for_bundle(with_engine, runtime="tensorrt", memory_mib=4000, scene_shape=(100, 100))
     assert (whole.core, whole.margin) == (100, 0)
     assert capped.core + 2 * capped.margin == 64 and capped.margin == 8
+
+
+def test_scene_without_georeferencing_is_said_and_the_map_lands_in_the_working_folder(
+        sm_bundle, datasets, tmp_path, monkeypatch):
+    """A .mat cube has no CRS: the summary says so; with no -o the map goes to the current
+    directory, not into the (shared, often read-only) data folder."""
+    monkeypatch.chdir(tmp_path)
+    scene = datasets / "jasper_ridge" / "JasperRidge2_R198.mat"
+    res = runner.invoke(app, ["infer", str(scene), "--bundle", str(sm_bundle)])
+    assert res.exit_code == 0, res.output
+    assert "warning: JasperRidge2_R198.mat has no georeferencing (no CRS)" in " ".join(res.output.split())
+    out = tmp_path / "JasperRidge2_R198.classes.tif"
+    assert out.is_file() and not (scene.parent / out.name).exists()
+    with rasterio.open(out) as m:
+        assert m.crs is None
+    res = runner.invoke(app, ["infer", str(scene), "--bundle", str(sm_bundle), "-o", "again.tif", "--json"])
+    summary = json.loads(res.stdout)
+    assert summary["georeferenced"] is False and "no georeferencing" in summary["warnings"][0]

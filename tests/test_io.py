@@ -211,7 +211,8 @@ def test_bad_inputs_get_one_sentence(tmp_path: Path, datasets, real_cube):
     junk.write_bytes(b"II*\0" + bytes(range(256)) * 4)
     assert "junk.tif: expected a raster GDAL can read" in _error(open_scene, junk)
     gt = datasets / "indian_pines" / "Indian_pines_gt.mat"
-    assert "expected one 3-D (rows, cols, bands) array, found none" in _error(open_scene, gt)
+    assert "expected a 3-D (rows, cols, bands) array, but the file looks like a label map" in _error(
+        open_scene, gt)
     assert "found a 2-D array" in _error(open_scene, gt, key="indian_pines_gt")
     assert "found several" in _error(open_scene, datasets / "moffett" / "Moffett_vca.mat")
     np.save(tmp_path / "flat.npy", np.zeros((4, 5)))
@@ -289,3 +290,19 @@ def test_gdal_block_cache_size_is_read_as_gdal_reads_it(monkeypatch, value, mib)
     monkeypatch.setenv("GDAL_CACHEMAX", "10%")
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     assert block_cache_mib() == pytest.approx(total / 10)
+
+
+def test_swapped_scene_and_labels_say_what_each_file_looks_like(datasets):
+    """A label or abundance file given as the scene, or a cube given as labels: the message says
+    which it looks like and where it belongs (no --key could fix it)."""
+    jasper = datasets / "jasper_ridge"
+    with pytest.raises(SceneReadError, match=r"looks like reference abundances \(A, M\): pass it as --lab"):
+        open_scene(jasper / "_EndJasperRidge2_R198.mat")
+    with pytest.raises(SceneReadError, match="looks like a label map: pass it as --labels"):
+        open_scene(datasets / "indian_pines" / "Indian_pines_gt.mat")
+    with pytest.raises(SceneReadError, match="looks like a hyperspectral cube: pass it as --scene"):
+        read_labels(jasper / "JasperRidge2_R198.mat")
+    with pytest.raises(SceneReadError, match=r"without nRow / nCol: the scene's rows and columns are needed"):
+        read_labels(jasper / "_EndJasperRidge2_R198.mat")  # no shape= given
+    with pytest.raises(SceneReadError, match="matching the 100 x 99 scene, found"):
+        read_labels(jasper / "_EndJasperRidge2_R198.mat", shape=(100, 99))

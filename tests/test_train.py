@@ -133,3 +133,85 @@ def test_cli_train_errors(datasets, tmp_path, change, message):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 1 and message in r.output.replace("\n", " ")
     assert not Path(tmp_path / "x.pt").exists()
+
+
+def test_killed_training_resumes_to_the_uninterrupted_checkpoint(datasets, tmp_path):
+    """`hsiedge train` killed (SIGKILL) mid-run, then `--resume`: the same checkpoint, tensor for
+    tensor, as a run never interrupted; plain progress lines off a terminal; the state is removed."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from hsiedge.train_state import state_path_for
+
+    jasper = datasets / "jasper_ridge"
+    args = [sys.executable, "-m", "hsiedge.cli", "train", "spectralmamba", "--scene",
+            str(jasper / "JasperRidge2_R198.mat"), "--labels", str(jasper / "_EndJasperRidge2_R198.mat"),
+            "--epochs", "24", "--seed", "3"]
+    env = {**os.environ, "HSIEDGE_PROGRESS_SECONDS": "0"}
+    clean, killed = tmp_path / "clean.pt", tmp_path / "killed.pt"
+    r = subprocess.run([*args, "-o", str(clean)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "training spectralmamba: epoch 24/24, loss" in r.stderr and "left" in r.stderr
+
+    state = state_path_for(killed)
+    proc = subprocess.Popen([*args, "-o", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = 0
+    deadline = time.monotonic() + 300
+    while done < 4 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+        if state.is_file():
+            done = int(torch.load(state, weights_only=True)["epoch"])
+    proc.kill()
+    assert proc.wait() != 0, "the run ended before it could be killed"
+    done = int(torch.load(state, weights_only=True)["epoch"])  # the state as the kill left it
+    assert 4 <= done < 24 and state.is_file() and not killed.exists()
+
+    again = subprocess.run([*args, "-o", str(killed)], capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode != 0 and "pass --resume to continue it" in again.stderr
+    other = subprocess.run([*args[:-1], "4", "-o", str(killed), "--resume"], capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert other.returncode != 0 and "belongs to another run: its seed was 3, now 4" in other.stderr
+    resumed = subprocess.run([*args, "-o", str(killed), "--resume"], capture_output=True, text=True, env=env,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"training spectralmamba: epoch {done + 1}/24" in resumed.stderr  # continues, not restarts
+    assert "epoch 1/24" not in resumed.stderr
+    assert not state.exists()
+
+    a, b = torch.load(clean, weights_only=True), torch.load(killed, weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    strip = lambda m: {k: v for k, v in m["test"].items() if k != "train_seconds"}  # noqa: E731
+    assert strip(a["metrics"]) == strip(b["metrics"])
+    assert a["metrics"]["best_val_oa"] == b["metrics"]["best_val_oa"]
+
+
+def test_train_names_and_colours_the_classes(datasets, tmp_path):
+    """--class-names (a list or a file) and --class-colours reach the checkpoint, and export's maps."""
+    from hsiedge.export.bundle_export import export_bundle
+
+    jasper = datasets / "jasper_ridge"
+    base = ["train", "spectralmamba", "--scene", str(jasper / "JasperRidge2_R198.mat"), "--labels",
+            str(jasper / "_EndJasperRidge2_R198.mat"), "--epochs", "1", "-o", str(tmp_path / "m.pt")]
+    runner = CliRunner()
+    bad = runner.invoke(app, [*base, "--class-names", "a,b,c"])
+    assert bad.exit_code == 1
+    assert "--class-names has 3 names (a, b, c); the labels have 4 classes" in bad.output
+    assert not (tmp_path / "m.pt").exists()
+    bad = runner.invoke(app, [*base, "--class-names", "a,b,c,d", "--class-colours", "e=#ff0000"])
+    assert bad.exit_code == 1 and "--class-colours" in bad.output
+    names = tmp_path / "names.txt"
+    names.write_text("forest\nlake\n\nbare soil\nroad\n")
+    res = runner.invoke(app, [*base, "--class-names", str(names),
+                              "--class-colours", "lake=#0000ff,4=#808080"])
+    assert res.exit_code == 0, res.output
+    ckpt = load_checkpoint(tmp_path / "m.pt")
+    assert ckpt.class_names == ["forest", "lake", "bare soil", "road"]
+    assert ckpt.class_colours == {2: (0, 0, 255), 4: (128, 128, 128)}
+    export_bundle(tmp_path / "m.pt", tmp_path / "b")
+    classes = json.loads((tmp_path / "b" / "manifest.json").read_text())["classes"]
+    assert [(c["name"], c["colour"]) for c in classes][1:] == [
+        ("lake", [0, 0, 255]), ("bare soil", classes[2]["colour"]), ("road", [128, 128, 128])]

@@ -29,9 +29,12 @@ def _from_abundances(path: Path, arrays: dict, shape: tuple[int, int] | None) ->
     A = np.asarray(arrays["A"], dtype=np.float64)
     if "nRow" in arrays and "nCol" in arrays:
         shape = (int(np.asarray(arrays["nRow"]).ravel()[0]), int(np.asarray(arrays["nCol"]).ravel()[0]))
-    if shape is None or A.shape[1] != shape[0] * shape[1]:
+    if shape is None:
+        raise SceneReadError(f"{path}: abundances A {A.shape} without nRow / nCol: the scene's rows and "
+                             f"columns are needed to lay them out (read them with the scene's shape)")
+    if A.shape[1] != shape[0] * shape[1]:
         raise SceneReadError(f"{path}: expected abundances A of shape (endmembers, rows*cols) matching the "
-                             f"scene {shape}, found {A.shape}")
+                             f"{shape[0]} x {shape[1]} scene, found {A.shape}")
     rows, cols = shape
     # Column-major pixel order, as in the Zhu cube files: p = col * rows + row.
     labels = (A.argmax(axis=0) + 1).reshape(cols, rows).T.astype(np.uint8)

@@ -44,6 +44,17 @@ def _scalar(a) -> int:
     return int(np.asarray(a).ravel()[0])
 
 
+def _looks_like(arrays: dict) -> str | None:
+    """What a `.mat` file holds when it is not what was asked for: a cube, abundances, labels."""
+    if {"Y", "nRow", "nCol"} <= arrays.keys() or any(v.ndim == 3 for v in arrays.values()):
+        return "a hyperspectral cube: pass it as --scene"
+    if {"A", "M"} <= arrays.keys():
+        return "reference abundances (A, M): pass it as --labels"
+    if any(v.ndim == 2 and v.dtype.kind in "uib" for v in arrays.values()):
+        return "a label map: pass it as --labels"
+    return None
+
+
 def _pick(path: Path, arrays: dict, ndim: int, key: str | None, what: str) -> str:
     if key is not None:
         if key not in arrays:
@@ -52,6 +63,9 @@ def _pick(path: Path, arrays: dict, ndim: int, key: str | None, what: str) -> st
     found = [k for k, v in arrays.items() if v.ndim == ndim]
     if len(found) != 1:
         listing = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items()) or "no numeric arrays"
+        looks = _looks_like(arrays)
+        if not found and looks is not None:
+            raise SceneReadError(f"{path}: expected a {what}, but the file looks like {looks} ({listing})")
         raise SceneReadError(f"{path}: expected one {what}, found {'several' if found else 'none'} "
                              f"({listing}); choose one with --key")
     return found[0]
@@ -116,5 +130,8 @@ def read_mat_labels(path: Path, key: str | None = None
                      for x in np.asarray(raw["cood"]).ravel()]
     if key is None and "A" in arrays and "M" in arrays:
         return None, arrays, names
+    if key is None and (looks := _looks_like(arrays)) and looks.startswith("a hyperspectral cube"):
+        listing = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
+        raise SceneReadError(f"{path}: expected a label map, but the file looks like {looks} ({listing})")
     k = _pick(path, arrays, 2, key, "2-D label map")
     return arrays[k], arrays, None

@@ -172,10 +172,12 @@ class HSMGFE(nn.Module):
         theta, lam, psi = refined.chunk(3, dim=1)
         bc = self.state_proj(f_bar).reshape(b, h * w, 2 * self.d_state).transpose(1, 2)
         b_t, c_t = bc.split(self.d_state, dim=1)  # (b, N, L) each
+        # the step bias is added here rather than passed as delta_bias: the scan's absent inputs
+        # (z, delta_bias) are then its last ones, which TensorRT's ONNX parser can leave out
+        delta = (lam + self.dt_bias[:, None, None]).flatten(2)
         y = selective_scan(
-            F.silu(theta).flatten(2).contiguous(), lam.flatten(2).contiguous(),
-            -torch.exp(self.omega.float()), b_t.contiguous(), c_t.contiguous(), self.D.float(),
-            delta_bias=self.dt_bias.float(), delta_softplus=True)  # (b, c, h*w)
+            F.silu(theta).flatten(2).contiguous(), delta.contiguous(), -torch.exp(self.omega.float()),
+            b_t.contiguous(), c_t.contiguous(), self.D.float(), delta_softplus=True)  # (b, c, h*w)
         hidden, z = self.gate(y.reshape(b, c, h, w)).chunk(2, dim=1)
         return self.out((hidden * F.silu(z) + hidden * self.phi) * psi)
 
