@@ -48,9 +48,10 @@ DEFAULT_CORE = 128
 DEFAULT_MEMORY_MIB = 900
 MIN_IMAGE_TILE = 64
 QUEUE_DEPTH = 2
-# Patches per runner call.  MD2F-Mamba costs ~0.75 MB per patch in torch and ~1.6 MB in ONNX
-# Runtime (its portable scan materialises (dim, L, N) per patch), so 256 took a streamed run
-# past 1 GB; 128 costs torch at most a tenth of its speed and makes ONNX Runtime faster.
+# Patches per runner call.  hsiedge 0.1.0's MD2F-Mamba cost ~0.75 MB per patch in torch and
+# ~1.6 MB in ONNX Runtime (its portable scan materialises (dim, L, N) per patch), so 256 took a
+# streamed run past 1 GB; 128 cost torch at most a tenth of its speed and made ONNX Runtime
+# faster.  (0.2.0's MD2F-Mamba, after the paper, runs one scan where that one ran three.)
 DEFAULT_BATCH = 128
 # Peak memory of a streamed MambaHSI run, per runtime: (fixed MiB, bytes per tile pixel at
 # hidden_dim 128), measured on CPU with `hsiedge infer` on a 4.4 GB scene at tiles of 64-192

@@ -11,7 +11,7 @@ as Polygraphy RunResults, so they can be compared later against a TensorRT engin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +32,28 @@ THRESHOLDS: dict[str, dict[str, float]] = {
 }
 
 
+class PixelBatches(Sequence):
+    """The model inputs of `pixels`, `batch` at a time, cut only when asked for: the patches of
+    a large held-out set would not fit in memory (16,384 SpectralMamba patches are 636 MB)."""
+
+    def __init__(self, inputs: PixelInputs, pixels: np.ndarray, batch: int) -> None:
+        self.inputs, self.pixels, self.batch = inputs, pixels, batch
+
+    def __len__(self) -> int:
+        return -(-self.pixels.size // self.batch)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return self.inputs(self.pixels[i * self.batch:(i + 1) * self.batch]).numpy()
+
+
 @dataclass
 class ParityData:
     """Preprocessed model inputs covering `pixels` (flat indices) of one scene, and their labels."""
 
-    batches: list[np.ndarray]
+    batches: Sequence[np.ndarray]
     kind: str
     shape: tuple[int, int]
     pixels: np.ndarray
@@ -62,8 +79,7 @@ def parity_data(chain: Chain, cube: np.ndarray, kind: str, patch_size: int = 0, 
     if kind == "image":
         batches = [image_batch(image)]
     else:
-        inputs = PixelInputs(image, kind, patch_size)
-        batches = [inputs(pixels[i:i + batch]).numpy() for i in range(0, pixels.size, batch)]
+        batches = PixelBatches(PixelInputs(image, kind, patch_size), pixels, batch)
     return ParityData(batches, kind, (h, w), pixels, labels, source)
 
 

@@ -109,7 +109,7 @@ def test_cli_train(datasets, tmp_path):
             "-o", str(out)]
     r = CliRunner().invoke(app, [*args, "--json"])
     assert r.exit_code == 0, r.output
-    report = json.loads(r.output)
+    report = json.loads(r.stdout)  # progress lines go to stderr
     assert report["class_names"] == ["tree", "water", "dirt", "road"] and 0 <= report["oa"] <= 1
     assert len(report["confusion"]) == 4 and out.is_file()
     assert load_checkpoint(out).train_info["seed"] == 3
