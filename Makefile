@@ -37,7 +37,7 @@ cuda-ext: setup  ## build the CUDA selective-scan kernel for this machine's GPU 
 bench-gpu: cuda-ext  ## the CUDA kernel at both extremes vs copy bandwidth and the torch fallback (GPU)
 	$(PY) bench/scan_gpu.py
 
-bench-accuracy: setup  ## the three models vs an RBF-SVM on Jasper Ridge, 3 seeds x 2 protocols (~40 min)
+bench-accuracy: setup  ## the three models vs an RBF-SVM on Jasper Ridge, 3 seeds x 2 protocols (over an hour)
 	$(PY) bench/accuracy.py
 
 bench-export-memory: setup  ## peak memory and time of int8 exports, Jasper Ridge and a 1024 x 1024 scene (~15 min)
