@@ -22,7 +22,14 @@ import onnx
 import torch
 
 from hsiedge import __version__
-from hsiedge.bundle import INPUT_NAME, OUTPUT_NAME, BundleWriter, class_table, parse_class_colours
+from hsiedge.bundle import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    BundleWriter,
+    class_table,
+    default_class_names,
+    parse_class_colours,
+)
 from hsiedge.checkpoint import Checkpoint, load_checkpoint
 from hsiedge.export import onnx_model, portable, scan_functions, scan_node
 from hsiedge.export.onnx_model import ExportError
@@ -233,7 +240,7 @@ def export_bundle(
                           "export needs one (checkpoints written by `hsiedge train` have it)")
     model = ckpt.build()
     kind, patch = getattr(model, "input_kind", "patch"), int(getattr(model, "patch_size", 0))
-    names = ckpt.class_names or [f"class {i + 1}" for i in range(model.num_classes)]
+    names = ckpt.class_names or default_class_names(model.num_classes)
     try:
         colours = parse_class_colours(class_colours, names) if class_colours else ckpt.class_colours
     except ValueError as e:

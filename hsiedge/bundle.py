@@ -50,6 +50,11 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def default_class_names(count: int) -> list[str]:
+    """Names for classes 1..count when nothing names them: "class 1", "class 2", ..."""
+    return [f"class {i}" for i in range(1, count + 1)]
+
+
 def class_table(names: list[str],
                 colours: dict[int, tuple[int, int, int]] | None = None) -> list[dict[str, Any]]:
     """Classes as the manifest lists them: id (1-based, 0 is nodata in maps), name, RGB colour

@@ -145,14 +145,14 @@ def train(
     checkpoint an uninterrupted run gives; the state is removed once OUTPUT is written."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from hsiedge.bundle import parse_class_colours
+    from hsiedge.bundle import default_class_names, parse_class_colours
     from hsiedge.checkpoint import save_checkpoint
     from hsiedge.io import SceneReadError, open_scene, read_labels
     from hsiedge.models import MODELS
     from hsiedge.models.registry import parse_model_options
     from hsiedge.splits import parse_protocol
     from hsiedge.train import RECIPES, train_model
-    from hsiedge.train_state import TrainStateError, state_path_for
+    from hsiedge.train_state import state_path_for
 
     if model not in MODELS:
         fail(f"unknown model '{model}'; choose one of: {', '.join(MODELS)}")
@@ -189,8 +189,7 @@ def train(
     colours = None
     if class_colours is not None:
         try:
-            colours = parse_class_colours(class_colours, names or [f"class {i}" for i in
-                                                                   range(1, lm.num_classes + 1)])
+            colours = parse_class_colours(class_colours, names or default_class_names(lm.num_classes))
         except ValueError as e:
             fail(str(e))
     n_epochs = RECIPES[model].epochs if epochs is None else epochs
@@ -224,7 +223,7 @@ def train(
                                  device=device, class_names=names, nodata=nodata,
                                  model_config=model_config, on_epoch=epoch_done,
                                  state_path=state_path, resume=resume)
-        except (ValueError, TrainStateError) as e:
+        except ValueError as e:  # TrainStateError included
             fail(str(e))
     # Where the scene is, so that `hsiedge export` can score the test split without being told.
     result.checkpoint.train_info.update({

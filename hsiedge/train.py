@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hsiedge.bundle import default_class_names
 from hsiedge.checkpoint import Checkpoint
 from hsiedge.metrics import accuracy_report
 from hsiedge.models import MODELS, build_model
@@ -205,8 +206,8 @@ def train_model(
     test_idx = split.test if split.test.size else split.val
     report = accuracy_report(y[test_idx], scorer.predict(test_idx), num_classes)
     report["train_seconds"] = train_seconds
-    names = class_names if class_names and len(class_names) == num_classes else [
-        f"class {i}" for i in range(1, num_classes + 1)]
+    named = class_names and len(class_names) == num_classes
+    names = class_names if named else default_class_names(num_classes)
     ckpt = Checkpoint(
         model_name, config, {k: v.detach().cpu() for k, v in best_state.items()}, chain, names, split,
         metrics={"test": report, "best_val_oa": best_oa},
