@@ -53,12 +53,13 @@ def plugin_library_for(bundle: Bundle, plugins: str | Path | None) -> Path | Non
     return Path(lib)
 
 
-def add_engine(bundle_path: str | Path, *, target: str | None = None,
+def add_engine(bundle: Bundle | str | Path, *, target: str | None = None,
                compute_capabilities: tuple[int, ...] | None = None, plugins: str | Path | None = None,
                profile: Profile | None = None, on_phase: Callable[[str], None] | None = None
                ) -> dict[str, Any]:
-    """Build the bundle's engine for `target` and record it in the manifest; return the engine entry."""
-    bundle = open_bundle(bundle_path)
+    """Build the bundle's engine for `target` and record it in the manifest; return the engine entry.
+    `bundle`: one opened (and verified) by the caller, or its path."""
+    bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
     try:
         target = target or default_target()
     except TensorRTUnavailableError as e:

@@ -29,6 +29,7 @@ from hsiedge.bundle import (
     class_table,
     default_class_names,
     parse_class_colours,
+    sha256_file,
 )
 from hsiedge.checkpoint import Checkpoint, load_checkpoint
 from hsiedge.export import onnx_model, portable, scan_functions, scan_node
@@ -301,7 +302,8 @@ def export_bundle(
                                                       if scan == "plugin" else {})},
             "plugin": scan_node.plugin_requirement() if scan == "plugin" else None,
             "calibration": calibration,
-            "heldout": {"scene": str(data.path), "key": data.key, "description": data.description,
+            "heldout": {"scene": str(data.path), "sha256": sha256_file(data.path), "key": data.key,
+                        "description": data.description,
                         "labelled": data.labels is not None,
                         "window": None if data.window is None else list(data.window)},
             "exporters": _versions(),

@@ -35,3 +35,13 @@ def atomic_path(path: str | Path, suffix: str = ".partial") -> Iterator[Path]:
 def publish_dir(tmp: str | Path) -> None:
     """Give a directory made by tempfile.mkdtemp the usual permissions before it is renamed."""
     os.chmod(tmp, 0o777 & ~_umask())
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise OSError (with the system's reason) unless a file can be created where `path` will
+    be written (its folder is made if missing): a long job checks this before it starts."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+    os.close(fd)
+    os.unlink(probe)

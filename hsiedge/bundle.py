@@ -2,8 +2,10 @@
 
 The manifest states everything a runtime needs and nothing it must guess (model, input
 layout and geometry, preprocessing, classes, precision, scan mode, plugin, parity results),
-and the sha256 of every artifact.  `open_bundle` refuses a bundle whose schema or checksums
-do not match.  `BundleWriter` builds a bundle in a hidden sibling folder and renames it into
+and the sha256 of every artifact.  Bundles are untrusted input: `open_bundle` refuses one
+whose signature (when trusted keys are given), schema (`hsiedge.manifest`), consistency with
+its ONNX graph or checksums do not hold, and every artifact must be a regular file inside the
+bundle directory.  `BundleWriter` builds a bundle in a hidden sibling folder and renames it into
 place only when complete, so an interrupted export never leaves a bundle under its name.
 """
 
@@ -13,18 +15,21 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hsiedge.atomic import atomic_path, publish_dir
+from hsiedge.manifest import SCHEMA
 from hsiedge.preprocess import Chain
 
-SCHEMA = "hsiedge-bundle/1"
 INPUT_NAME = "x"  # the graph input: preprocessed patches, spectra or image tiles, float32
 OUTPUT_NAME = "logits"  # the graph output: per-pixel logits, float32
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20  # a 400-band PCA manifest is about 3 MB
 # artifact kind -> file name inside the bundle (TensorRT engines and their plugin libraries,
 # "engine-<target>" / "plugin-<target>", are named by `hsiedge engine` after their content)
 ARTIFACT_FILES = {"checkpoint": "checkpoint.pt", "onnx": "model.onnx", "heldout": "heldout.npz"}
@@ -90,13 +95,15 @@ class Bundle:
 
     path: Path
     manifest: dict[str, Any]
+    manifest_sha256: str  # of manifest.json's bytes as verified
+    signed_by: str | None = None  # the id of the trusted key that signed it, when one was asked for
 
     def artifact(self, kind: str) -> Path:
         entry = self.manifest["artifacts"].get(kind)
         if entry is None:
             raise BundleError(f"{self.path}: the bundle has no {kind} artifact "
                               f"(it has: {', '.join(sorted(self.manifest['artifacts']))})")
-        return self.path / entry["file"]
+        return _artifact_path(self.path, kind, entry["file"])
 
     def has(self, kind: str) -> bool:
         return kind in self.manifest["artifacts"]
@@ -135,31 +142,79 @@ class Bundle:
         return Chain.from_dict(self.manifest["preprocessing"])
 
 
-def open_bundle(path: str | Path) -> Bundle:
-    """Read and verify a bundle: schema version and the sha256 of every artifact."""
+def _artifact_path(bundle: Path, kind: str, name: Any) -> Path:
+    """The artifact file `name` inside `bundle`: a plain file name, a regular file, not a link.
+    Nothing outside the bundle is opened, and errors say nothing about what is there."""
+    if not isinstance(name, str) or not name or name in (".", "..") or name != Path(name).name \
+            or "\\" in name or name.startswith("."):
+        raise BundleError(f"{bundle}: the manifest's {kind} artifact {str(name)[:60]!r} is not a plain file "
+                          "name inside the bundle; refusing it")
+    f = bundle / name
+    try:
+        mode = os.lstat(f).st_mode
+    except FileNotFoundError:
+        raise BundleError(f"{f}: the manifest lists this {kind} artifact but the file is missing") from None
+    if stat.S_ISLNK(mode):
+        raise BundleError(f"{f}: the {kind} artifact is a symbolic link; a bundle's artifacts must be "
+                          "regular files inside it")
+    if not stat.S_ISREG(mode):
+        raise BundleError(f"{f}: the {kind} artifact is not a regular file")
+    return f
+
+
+def read_manifest_bytes(path: Path) -> bytes:
+    """manifest.json's bytes: a regular file inside the bundle, of bounded size."""
+    mf = path / MANIFEST
+    try:
+        st = os.lstat(mf)
+    except FileNotFoundError:
+        raise BundleError(f"{path}: no {MANIFEST}; not a bundle written by `hsiedge export`") from None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{mf}: expected a regular file inside the bundle, found "
+                          f"{'a symbolic link' if stat.S_ISLNK(st.st_mode) else 'something else'}")
+    if st.st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{mf}: expected at most {MAX_MANIFEST_BYTES >> 20} MiB, found "
+                          f"{st.st_size:,} bytes")
+    return mf.read_bytes()
+
+
+def open_bundle(path: str | Path, trusted_keys: Sequence[str | Path] = ()) -> Bundle:
+    """Read and verify a bundle: its signature (when `trusted_keys` are given, required), the
+    manifest's schema and consistency, the sha256 of every artifact, and the manifest against
+    the ONNX graph (input, classes, precision, scan)."""
+    from hsiedge.manifest import ManifestError, check_against_graph, check_semantics, parse_manifest
+    from hsiedge.signing import SignatureError, verify_manifest
+
     path = Path(path)
     mf = path / MANIFEST
     if not path.is_dir():
         raise BundleError(f"{path}: expected a bundle directory (written by `hsiedge export`), found "
                           f"{'a file' if path.exists() else 'nothing'}")
+    raw = read_manifest_bytes(path)
+    signer = None
+    if trusted_keys:
+        try:
+            signer = verify_manifest(path, raw, trusted_keys)
+        except SignatureError as e:
+            raise BundleError(str(e)) from None
     try:
-        manifest = json.loads(mf.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{path}: no {MANIFEST}; not a bundle written by `hsiedge export`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mf}: expected JSON, reading failed at {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
-        raise BundleError(f"{mf}: expected schema {SCHEMA!r}, found {found!r}")
-    for kind, entry in manifest.get("artifacts", {}).items():
-        f = path / entry["file"]
-        if not f.is_file():
-            raise BundleError(f"{f}: the manifest lists this {kind} artifact but the file is missing")
+        manifest = parse_manifest(raw)
+        check_semantics(manifest)
+    except ManifestError as e:
+        raise BundleError(f"{mf}: {e}") from None
+    for kind, entry in manifest["artifacts"].items():
+        f = _artifact_path(path, kind, entry["file"])
         digest = sha256_file(f)
         if digest != entry["sha256"]:
             raise BundleError(f"{f}: sha256 is {digest[:16]}…, the manifest expects {entry['sha256'][:16]}…; "
                               "the file was changed or damaged after export")
-    return Bundle(path, manifest)
+    if "onnx" in manifest["artifacts"]:
+        onnx_path = path / manifest["artifacts"]["onnx"]["file"]
+        try:
+            check_against_graph(manifest, onnx_path)
+        except ManifestError as e:
+            raise BundleError(f"{mf}: does not match {onnx_path.name}: {e}") from None
+    return Bundle(path, manifest, hashlib.sha256(raw).hexdigest(), signer)
 
 
 class BundleWriter:
@@ -207,11 +262,16 @@ class BundleWriter:
 
 
 def replace_manifest(path: str | Path, manifest: dict[str, Any]) -> Bundle:
-    """Write `manifest` (with its artifact table) as the bundle's manifest.json in one rename."""
+    """Write `manifest` (with its artifact table) as the bundle's manifest.json in one rename.
+    A signature over the manifest it replaces no longer holds, so it is removed (first)."""
+    from hsiedge.signing import SIGNATURE
+
     body = {"schema": SCHEMA, **{k: v for k, v in manifest.items() if k != "schema"}}
+    raw = (json.dumps(body, indent=2, default=_plain) + "\n").encode()
+    (Path(path) / SIGNATURE).unlink(missing_ok=True)
     with atomic_path(Path(path) / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(body, indent=2, default=_plain) + "\n")
-    return Bundle(Path(path), body)
+        tmp.write_bytes(raw)
+    return Bundle(Path(path), json.loads(raw), hashlib.sha256(raw).hexdigest())
 
 
 def _plain(v: Any) -> Any:

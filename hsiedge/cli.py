@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -57,6 +58,62 @@ def _progress_seconds() -> float:
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _finite(option: str, low: float | None = None, high: float | None = None, *,
+            above: bool = False) -> Callable[[float | None], float | None]:
+    """An option callback refusing NaN, infinities and values outside [low, high] (or above `low`)."""
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        if value != value or value in (float("inf"), float("-inf")) \
+                or (low is not None and (value <= low if above else value < low)) \
+                or (high is not None and value > high):
+            words = [] if low is None else [f"above {low:g}" if above else f"at least {low:g}"]
+            words += [] if high is None else [f"at most {high:g}"]
+            bounds = " and ".join(words)
+            raise typer.BadParameter(f"expected a finite number {bounds}, got {value}", param_hint=option)
+        return value
+    return check
+
+
+def _one_of(option: str, *values: str) -> Callable[[Any], Any]:
+    """An option callback refusing a value (or a repeated option's values) not in `values`."""
+    def check(value: Any) -> Any:
+        for v in [value] if isinstance(value, str) else value or []:
+            if v not in values:
+                raise typer.BadParameter(f"expected one of {', '.join(values)}, got {v!r}", param_hint=option)
+        return value
+    return check
+
+
+RUNTIMES = _one_of("--runtime", "torch", "onnxruntime", "tensorrt")
+TRUSTED_KEY_OPTION = typer.Option(None, "--trusted-key", envvar="HSIEDGE_TRUSTED_KEY",
+                                  help="Ed25519 public key (PEM or OpenSSH) the bundle must be signed with "
+                                       "(repeat for several; or $HSIEDGE_TRUSTED_KEY). Unsigned or "
+                                       "wrongly signed bundles are refused.")
+SIGN_OPTION = typer.Option(None, "--sign", help="Ed25519 private key to sign the bundle's manifest with "
+                           "(as `hsiedge sign` does).")
+
+
+def _open_bundle(path: Path, trusted_keys: list[Path] | None = None):
+    """The verified bundle at `path`, or one line and exit 1."""
+    from hsiedge.bundle import BundleError, open_bundle
+
+    try:
+        return open_bundle(path, trusted_keys or ())
+    except BundleError as e:
+        fail(str(e))
+
+
+def _writable(path: Path, what: str) -> None:
+    """Fail now, before long work, if `what` cannot be written at `path`."""
+    from hsiedge.atomic import check_writable
+
+    try:
+        check_writable(path)
+    except OSError as e:
+        fail(f"{path}: cannot write the {what} there ({e.strerror or e})")
 
 
 def _version(value: bool) -> None:
@@ -122,8 +179,8 @@ def train(
     output: Path = typer.Option(..., "-o", "--output", help="Checkpoint to write (.pt)."),
     protocol: str = typer.Option("per-class:30", help="per-class:N or ratio:R (see README)."),
     seed: int = typer.Option(0, help="Seed of the split, the initialisation and the batch order."),
-    epochs: int | None = typer.Option(None, help="Epochs (default: the model's recipe)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    epochs: int | None = typer.Option(None, min=1, help="Epochs (default: the model's recipe)."),
+    device: str = typer.Option("cpu", callback=_one_of("--device", "cpu", "cuda"), help="cpu or cuda."),
     key: str | None = typer.Option(None, "--key", help="Array of a .mat scene holding the cube."),
     labels_key: str | None = typer.Option(None, "--labels-key", help="Array of a .mat label file."),
     as_json: bool = typer.Option(False, "--json", help="Print the test metrics as JSON."),
@@ -143,6 +200,7 @@ def train(
     The run's state (latest and best weights, optimiser, random generators) is saved to
     OUTPUT.train-state after every epoch, so a killed run continues with --resume to the
     checkpoint an uninterrupted run gives; the state is removed once OUTPUT is written."""
+    import numpy as np
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from hsiedge.bundle import default_class_names, parse_class_colours
@@ -160,8 +218,6 @@ def train(
         model_config = parse_model_options(model, options)
     except ValueError as e:
         fail(str(e))
-    if device not in ("cpu", "cuda"):
-        fail(f"--device must be cpu or cuda, got {device!r}")
     if device == "cuda":
         import torch
 
@@ -171,6 +227,7 @@ def train(
         parse_protocol(protocol)
     except ValueError as e:
         fail(str(e))
+    _writable(output, "checkpoint")  # found now, not after hours of training
     state_path = state_path_for(output)
     if resume and not state_path.is_file():
         fail(f"nothing to resume: {state_path} is not there (a run writes it after each epoch)")
@@ -228,7 +285,10 @@ def train(
     # Where the scene is, so that `hsiedge export` can score the test split without being told.
     result.checkpoint.train_info.update({
         "scene": str(scene.resolve()), "scene_key": key, "labels": str(labels.resolve()),
-        "labels_key": labels_key, "wavelengths": None if wavelengths is None else wavelengths.tolist()})
+        "labels_key": labels_key,
+        # wavelengths are checked against scenes only when every band has one
+        "wavelengths": None if wavelengths is None or not np.isfinite(wavelengths).all()
+        else wavelengths.tolist()})
     result.checkpoint.class_colours = colours
     save_checkpoint(output, result.checkpoint)
     state_path.unlink(missing_ok=True)  # the checkpoint now holds everything the state did
@@ -310,7 +370,8 @@ def _failure_line(report: dict) -> str:
 
 
 # The engine options `hsiedge export --engine` and `hsiedge engine` share.
-TARGET_OPTION = typer.Option(None, "--target", help="Engine target. rtx: TensorRT for RTX, ahead of time "
+TARGET_OPTION = typer.Option(None, "--target", callback=_one_of("--target", "rtx", "trt"),
+                             help="Engine target. rtx: TensorRT for RTX, ahead of time "
                              "on any machine; trt: TensorRT 10/11 on the device itself (default: rtx where "
                              "installed, else trt).")
 CC_OPTION = typer.Option(None, "--compute-capability", help="--target rtx: GPU compute capability to build "
@@ -323,13 +384,17 @@ PLUGINS_OPTION = typer.Option(None, "--plugins", help="libhsiedge_trt_plugins.so
 def export(
     checkpoint: Path = typer.Argument(..., help="Checkpoint written by `hsiedge train` (.pt)."),
     output: Path = typer.Option(..., "-o", "--output", help="Bundle directory to write."),
-    scan: str = typer.Option("plugin", help="plugin: one SelectiveScan node per scan (TensorRT plugin); "
+    scan: str = typer.Option("plugin", callback=_one_of("--scan", "plugin", "portable"),
+                             help="plugin: one SelectiveScan node per scan (TensorRT plugin); "
                              "portable: standard ONNX ops only."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or int8 (explicit Q/DQ)."),
+    precision: str = typer.Option("fp32", callback=_one_of("--precision", "fp32", "fp16", "int8"),
+                                  help="fp32, fp16 or int8 (explicit Q/DQ)."),
     calib: Path | None = typer.Option(None, "--calib", help="Scene for int8 calibration and the parity "
                                       "check (default: the checkpoint's training scene, test split)."),
     calib_key: str | None = typer.Option(None, "--calib-key", help="Array of a .mat --calib scene."),
-    calib_method: str = typer.Option("percentile", help="int8 calibrator: percentile or entropy."),
+    calib_method: str = typer.Option("percentile",
+                                     callback=_one_of("--calib-method", "percentile", "entropy"),
+                                     help="int8 calibrator: percentile or entropy."),
     engine: bool = typer.Option(False, "--engine", help="Then also build a TensorRT engine into the bundle "
                                 "(as `hsiedge engine` does)."),
     target: str | None = TARGET_OPTION,
@@ -339,12 +404,20 @@ def export(
     class_colours: str | None = typer.Option(None, "--class-colours", help="Colours of the classes in maps "
                                              "and quick looks: NAME=#RRGGBB,... (a class name or its id; "
                                              "the others keep the default palette)."),
+    sign: Path | None = SIGN_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Export a checkpoint to a bundle (ONNX + manifest) and prove it with a parity check."""
     from hsiedge.checkpoint import CheckpointError
     from hsiedge.export.bundle_export import ExportError, ParityFailedError, export_bundle
+    from hsiedge.signing import SignatureError, load_private_key
 
+    if sign is not None:
+        try:
+            load_private_key(sign)  # a bad key is found before the export, not after
+        except SignatureError as e:
+            fail(str(e))
+    _writable(output, "bundle")
     with _spinner("exporting") as update:
         try:
             manifest = export_bundle(checkpoint, output, scan=scan, precision=precision, calib=calib,
@@ -357,6 +430,8 @@ def export(
             fail(str(e))
         except (ExportError, CheckpointError) as e:
             fail(str(e))
+    if sign is not None:
+        _sign(output, sign)
     if as_json:
         typer.echo(json.dumps(manifest, indent=2))
     else:
@@ -377,21 +452,30 @@ def parity_check(
     key: str | None = typer.Option(None, "--key", help="Array of a .mat scene."),
     labels: Path | None = typer.Option(None, "--labels", help="Ground truth of --scene (OA, AA, kappa)."),
     labels_key: str | None = typer.Option(None, "--labels-key", help="Array of a .mat label file."),
-    runtime: list[str] = typer.Option(None, "--runtime", help="Runtime(s) to check against the original: "
+    runtime: list[str] = typer.Option(None, "--runtime",
+                                      callback=_one_of("--runtime", "onnxruntime", "tensorrt"),
+                                      help="Runtime(s) to check against the original: "
                                       "onnxruntime, tensorrt (default: onnxruntime, and tensorrt when "
                                       "the bundle has an engine and TensorRT is here)."),
     report: Path | None = typer.Option(None, "--report", help="Write the full figures as JSON here."),
     save_polygraphy: Path | None = typer.Option(None, "--save-polygraphy", help="Folder for the inputs "
                                                 "and every runtime's outputs in Polygraphy's JSON formats."),
-    min_agreement: float | None = typer.Option(None, help="Override: minimum label agreement (0-1)."),
-    max_rel_l2: float | None = typer.Option(None, help="Override: maximum relative L2 logit error."),
-    max_delta_oa: float | None = typer.Option(None, help="Override: maximum |ΔOA| (fraction, 0.001 = "
-                                              "0.1 point)."),
-    tile: int | None = typer.Option(None, "--tile", help="MambaHSI: tile side whose tiling effect is "
+    min_agreement: float | None = typer.Option(None, callback=_finite("--min-agreement", 0, 1),
+                                               help="Override: minimum label agreement (0-1)."),
+    max_rel_l2: float | None = typer.Option(None, callback=_finite("--max-rel-l2", 0),
+                                            help="Override: maximum relative L2 logit error."),
+    max_delta_oa: float | None = typer.Option(None, callback=_finite("--max-delta-oa", 0, 1),
+                                              help="Override: maximum |ΔOA| (fraction, 0.001 = 0.1 point)."),
+    tile: int | None = typer.Option(None, "--tile", min=1, help="MambaHSI: tile side whose tiling effect is "
                                     "reported (default: what `hsiedge infer` picks for this scene)."),
-    overlap: int | None = typer.Option(None, "--overlap", help="MambaHSI: overlap for --tile."),
-    memory: float | None = typer.Option(None, "--memory", help="MambaHSI: memory budget (MiB) for the "
-                                        "default tile, as in `hsiedge infer`."),
+    overlap: int | None = typer.Option(None, "--overlap", min=0, help="MambaHSI: overlap for --tile."),
+    memory: float | None = typer.Option(None, "--memory", callback=_finite("--memory", 0, above=True),
+                                        help="MambaHSI: memory budget (MiB) for the default tile, as in "
+                                        "`hsiedge infer`."),
+    every_pixel: bool = typer.Option(False, "--every-pixel", help="Check on every valid pixel of --scene, "
+                                     "also when it is the scene the bundle was exported on (whose held-out "
+                                     "pixels are used otherwise)."),
+    trusted_key: list[Path] = TRUSTED_KEY_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Prove a bundle computes what the PyTorch original computes, on a real scene.
@@ -401,19 +485,15 @@ def parity_check(
     """
     import numpy as np
 
-    from hsiedge.bundle import BundleError, open_bundle
     from hsiedge.io import SceneReadError, Window, open_scene, read_labels
     from hsiedge.parity import check_bundle, parity_data
-    from hsiedge.runtimes import RuntimeUnavailableError, default_runtime, runtime_names, why_unavailable
+    from hsiedge.runtimes import RuntimeUnavailableError, default_runtime, why_unavailable
 
-    try:
-        bundle = open_bundle(bundle_path)
-    except BundleError as e:
-        fail(str(e))
+    if report is not None:
+        _writable(report, "report")
+    bundle = _open_bundle(bundle_path, trusted_key)
     names = runtime or [r for r in ("onnxruntime", "tensorrt") if why_unavailable(bundle, r) is None]
     for r in names:
-        if r not in runtime_names() or r == "torch":
-            fail(f"--runtime must be one of: onnxruntime, tensorrt (torch is the original), got {r!r}")
         reason = why_unavailable(bundle, r)
         if reason:
             fail(f"runtime {r} cannot run here: {reason}")
@@ -425,12 +505,18 @@ def parity_check(
     held = bundle.manifest["heldout"]
     pixels = label_ids = window = None
     if scene is None:
-        scene, key = Path(held["scene"]), held["key"]
-        if not scene.is_file():
-            fail(f"the bundle's held-out scene {scene} is not here; pass --scene")
-        with np.load(bundle.artifact("heldout")) as h:
-            pixels = h["pixels"] if h["pixels"].size else None
-            label_ids = h.get("labels")
+        # a path the manifest names is never opened on its word: the user names the scene
+        fail(f"pass --scene with the scene the bundle was exported on ({Path(held['scene']).name}"
+             f"{', --key ' + held['key'] if held.get('key') else ''}) to check on its held-out pixels, or "
+             "any other scene to check on every valid pixel")
+    if not every_pixel and _is_export_scene(scene, key, held):
+        try:
+            with np.load(bundle.artifact("heldout"), allow_pickle=False) as h:
+                pixels = h["pixels"] if h["pixels"].size else None
+                label_ids = h.get("labels")
+        except (ValueError, OSError, KeyError, EOFError) as e:
+            fail(f"{bundle.artifact('heldout')}: expected held-out pixel indices and labels, reading failed "
+                 f"({str(e).splitlines()[0][:100]})")
         source = held["description"]
         window = held.get("window")  # export read only this part of a large scene
     else:
@@ -479,6 +565,18 @@ def parity_check(
         fail(f"parity failed: {_failure_line(result)}")
 
 
+def _is_export_scene(scene: Path, key: str | None, held: dict) -> bool:
+    """Whether `scene` is the one the bundle was exported on: by content where the manifest
+    records its sha256, else (bundles before 0.3) by file name and key."""
+    from hsiedge.bundle import sha256_file
+
+    if key != held.get("key"):
+        return False
+    if held.get("sha256"):
+        return scene.is_file() and sha256_file(scene) == held["sha256"]
+    return scene.name == Path(held["scene"]).name
+
+
 def _engine_line(target: str, e: dict) -> str:
     ccs = e["compute_capabilities"]
     ccs = ", ".join(f"SM{c}" for c in ccs) if isinstance(ccs, list) else ccs
@@ -502,6 +600,10 @@ def engine(
                                          "(default: what `hsiedge infer` feeds this bundle)."),
     opt_shape: str | None = typer.Option(None, "--opt", help="Input shape to tune for."),
     max_shape: str | None = typer.Option(None, "--max", help="Largest input shape."),
+    trusted_key: list[Path] = TRUSTED_KEY_OPTION,
+    sign: Path | None = typer.Option(None, "--sign", help="Ed25519 private key to sign the new manifest "
+                                     "with (adding an engine changes the manifest, so an old signature "
+                                     "is removed)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest's engine entry as JSON."),
 ) -> None:
     """Build a TensorRT engine from a bundle's ONNX graph and add it to the bundle.
@@ -509,14 +611,18 @@ def engine(
     Needs no checkpoint and no torch: build on the device from a bundle made elsewhere, or
     ahead of time for RTX GPUs on any machine.  The manifest is replaced atomically.
     """
-    from hsiedge.bundle import BundleError, open_bundle
+    from hsiedge.bundle import BundleError
     from hsiedge.export.bundle_engine import add_engine, default_profile
     from hsiedge.export.engine import EngineBuildError, Profile, parse_shape
+    from hsiedge.signing import SIGNATURE, SignatureError, load_private_key
 
-    try:
-        bundle = open_bundle(bundle_path)
-    except BundleError as e:
-        fail(str(e))
+    bundle = _open_bundle(bundle_path, trusted_key)
+    was_signed = (bundle.path / SIGNATURE).is_file()
+    if sign is not None:
+        try:
+            load_private_key(sign)
+        except SignatureError as e:
+            fail(str(e))
     profile = None
     if min_shape or opt_shape or max_shape:
         base = default_profile(bundle)
@@ -528,16 +634,70 @@ def engine(
             fail(f"{bundle_path}: {e}")
     with _spinner("building the TensorRT engine") as update:
         try:
-            entry = add_engine(bundle_path, target=target, plugins=plugins, profile=profile,
+            entry = add_engine(bundle, target=target, plugins=plugins, profile=profile,
                                compute_capabilities=tuple(compute_capability or ()) or None,
                                on_phase=(lambda p: update(f"building the TensorRT engine: {p}")) if update
                                else None)
         except (EngineBuildError, BundleError) as e:
             fail(str(e))
+    if sign is not None:
+        _sign(bundle_path, sign)
+    elif was_signed:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(str(bundle_path))}: its signature covered the "
+                          "old manifest and was removed; sign it again with `hsiedge sign`", highlight=False,
+                          soft_wrap=True)
     if as_json:
         typer.echo(json.dumps(entry, indent=2))
     else:
         console.print(f"{bundle_path}: added {_engine_line(entry['target'], entry)}")
+
+
+def _sign(bundle_path: Path, key: Path) -> str:
+    """Verify the bundle, sign its manifest with `key`, say so; return the key id."""
+    from hsiedge.bundle import read_manifest_bytes
+    from hsiedge.signing import SignatureError, sign_manifest
+
+    bundle = _open_bundle(bundle_path)
+    raw = read_manifest_bytes(bundle.path)
+    if hashlib.sha256(raw).hexdigest() != bundle.manifest_sha256:
+        fail(f"{bundle_path}: the manifest changed while it was being verified; sign again")
+    try:
+        kid = sign_manifest(bundle.path, raw, key)
+    except SignatureError as e:
+        fail(str(e))
+    err_console.print(f"signed {bundle_path} with key {kid}", highlight=False)
+    return kid
+
+
+@app.command()
+def sign(
+    bundle_path: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle directory (`hsiedge export`)."),
+    key: Path = typer.Argument(..., metavar="KEY", help="Ed25519 private key (PEM from `hsiedge keygen`, or "
+                               "an OpenSSH ed25519 key without a passphrase)."),
+) -> None:
+    """Sign a bundle's manifest (which lists every artifact's sha256) with an Ed25519 key.
+
+    The bundle is verified first; devices given the public key with --trusted-key run it only
+    while nothing in it has changed."""
+    _sign(bundle_path, key)
+
+
+@app.command()
+def keygen(
+    key: Path = typer.Argument(..., metavar="KEY", help="Private key file to write (KEY.pub gets the public "
+                               "key)."),
+) -> None:
+    """Make an Ed25519 key pair for signing bundles: KEY (keep it private) and KEY.pub (for devices)."""
+    from hsiedge.signing import SignatureError, generate_key, key_id, load_public_key
+
+    try:
+        private, public = generate_key(key)
+    except SignatureError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"{key}: cannot write the key there ({e.strerror or e})")
+    console.print(f"wrote {private} (private, mode 600) and {public} "
+                  f"(key id {key_id(load_public_key(public))})")
 
 
 plugin_app = typer.Typer(help="The hsiedge TensorRT plugin library (SelectiveScan).", no_args_is_help=True)
@@ -573,16 +733,17 @@ def infer(
     bundle_path: Path = typer.Option(..., "--bundle", help="Bundle directory (`hsiedge export`)."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Class map GeoTIFF "
                                        "(default: SCENE.classes.tif in the current directory)."),
-    runtime: str | None = typer.Option(None, "--runtime", help="torch, onnxruntime or tensorrt "
-                                       "(default: the fastest available for the bundle)."),
-    tile: int | None = typer.Option(None, "--tile", help="Tile side in pixels (patch models: the core "
+    runtime: str | None = typer.Option(None, "--runtime", callback=RUNTIMES, help="torch, onnxruntime or "
+                                       "tensorrt (default: the fastest available for the bundle)."),
+    tile: int | None = typer.Option(None, "--tile", min=1, help="Tile side in pixels (patch models: the core "
                                     "classified per step, default 128; MambaHSI: the tile, default: the "
                                     "largest that --memory allows, the whole scene when it fits)."),
-    overlap: int | None = typer.Option(None, "--overlap", help="MambaHSI: overlap between tiles "
+    overlap: int | None = typer.Option(None, "--overlap", min=0, help="MambaHSI: overlap between tiles "
                                        "(default: a quarter of the tile; centres are kept)."),
-    memory: float | None = typer.Option(None, "--memory", help="MambaHSI: memory budget in MiB from which "
+    memory: float | None = typer.Option(None, "--memory", callback=_finite("--memory", 0, above=True),
+                                        help="MambaHSI: memory budget in MiB from which "
                                         "the default tile is chosen (default 900)."),
-    batch: int | None = typer.Option(None, "--batch", help="Pixels per runner call (patch and pixel "
+    batch: int | None = typer.Option(None, "--batch", min=1, help="Pixels per runner call (patch and pixel "
                                      "models; default 128); memory grows with it."),
     probs: bool = typer.Option(False, "--probs", help="Also write per-class probabilities (uint8, 255 = 1) "
                                "to MAP.probs.tif."),
@@ -590,18 +751,15 @@ def infer(
                                           "legend."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same output."),
     key: str | None = typer.Option(None, "--key", help="Array of a .mat scene."),
+    trusted_key: list[Path] = TRUSTED_KEY_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Classify a scene of any size, tile by tile, into a georeferenced class map."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from hsiedge.bundle import BundleError, open_bundle
     from hsiedge.infer import DEFAULT_BATCH, InferError, infer_scene
 
-    try:
-        bundle = open_bundle(bundle_path)
-    except BundleError as e:
-        fail(str(e))
+    bundle = _open_bundle(bundle_path, trusted_key)
     progress = Progress(TextColumn("classifying"), BarColumn(), TextColumn("{task.fields[tiles]} tiles"),
                         TextColumn("{task.fields[rate]} px/s"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=err_console, disable=not err_console.is_terminal, transient=True)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real datasets folder and a float64 NumPy selective scan."""
+"""Shared fixtures: the real datasets folder, a float64 NumPy selective scan, Jasper Ridge as a
+GeoTIFF and a small trained bundle."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rasterio.transform import from_origin
 
 REPO = Path(__file__).resolve().parents[1]
+CRS = "EPSG:32610"  # UTM 10N, where Jasper Ridge is
+TRANSFORM = from_origin(560000.0, 4140000.0, 20.0, 20.0)  # 20 m pixels
 SCAN_CALLS = {"spectralmamba": 1, "md2f-mamba": 1, "mambahsi": 6}  # scan calls per seed model
 EPOCHS = {"spectralmamba": 5, "md2f-mamba": 1, "mambahsi": 30}
 
@@ -113,3 +117,42 @@ def trt_plugin_library(tmp_path_factory) -> Path:
         return build_plugin_library(out / "libhsiedge_trt_plugins.so", archs=["89"], build_dir=out / "build")
     except PluginBuildError as e:
         pytest.fail(f"the plugin library does not build: {e}")
+
+
+def write_geotiff(path: Path, cube: np.ndarray, nodata: float | None = None) -> Path:
+    """A (rows, cols, bands) cube as a georeferenced GeoTIFF, band-interleaved by pixel."""
+    import rasterio
+
+    h, w, b = cube.shape
+    with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=b, dtype=cube.dtype.name,
+                       crs=CRS, transform=TRANSFORM, nodata=nodata, interleave="pixel") as dst:
+        dst.write(cube.transpose(2, 0, 1))
+    return path
+
+
+def trained_bundle(model: str, datasets: Path, out: Path) -> Path:
+    """`model` trained for 3 epochs on Jasper Ridge by `hsiedge train` and exported (fp32, plugin scan)."""
+    from typer.testing import CliRunner
+
+    from hsiedge.cli import app
+    from hsiedge.export.bundle_export import export_bundle
+
+    jasper = datasets / "jasper_ridge"
+    res = CliRunner().invoke(app, ["train", model, "--scene", str(jasper / "JasperRidge2_R198.mat"),
+                                   "--labels", str(jasper / "_EndJasperRidge2_R198.mat"), "--epochs", "3",
+                                   "-o", str(out / f"{model}.pt")])
+    assert res.exit_code == 0, res.output
+    export_bundle(out / f"{model}.pt", out / "bundle")
+    return out / "bundle"
+
+
+@pytest.fixture(scope="session")
+def sm_bundle(datasets, tmp_path_factory) -> Path:
+    """SpectralMamba, trained briefly and exported: the bundle the infer and safety tests share."""
+    return trained_bundle("spectralmamba", datasets, tmp_path_factory.mktemp("sm"))
+
+
+@pytest.fixture(scope="session")
+def scene_tif(jasper_cube, tmp_path_factory) -> Path:
+    """Jasper Ridge as a georeferenced GeoTIFF (100 x 100 x 198)."""
+    return write_geotiff(tmp_path_factory.mktemp("scene") / "jasper.tif", jasper_cube)

@@ -28,6 +28,11 @@ from hsiedge.runtimes import default_runtime
 runner = CliRunner()
 
 
+
+def export_scene(datasets: Path) -> str:
+    """The scene the session's checkpoints are trained (and bundles exported) on."""
+    return str(datasets / "jasper_ridge" / "JasperRidge2_R198.mat")
+
 def all_nodes(graph: onnx.GraphProto):
     for n in graph.node:
         yield n
@@ -132,13 +137,13 @@ def test_manifest_states_what_a_runtime_needs(bundle, checkpoints):
     assert m["opset"] == {"ai.onnx": 18, "hsiedge": 1}
 
 
-def test_parity_check_cli_and_polygraphy_files(bundle, tmp_path):
+def test_parity_check_cli_and_polygraphy_files(bundle, datasets, tmp_path):
     from polygraphy.comparator import RunResults
     from polygraphy.json import load_json
 
     report = tmp_path / "r.json"
-    res = runner.invoke(app, ["parity-check", str(bundle), "--report", str(report),
-                              "--save-polygraphy", str(tmp_path / "pg")])
+    res = runner.invoke(app, ["parity-check", str(bundle), "--scene", export_scene(datasets),
+                              "--report", str(report), "--save-polygraphy", str(tmp_path / "pg")])
     assert res.exit_code == 0, res.output
     assert "onnxruntime" in res.output and "pass" in res.output
     r = json.loads(report.read_text())
@@ -153,14 +158,16 @@ def test_parity_check_cli_and_polygraphy_files(bundle, tmp_path):
 def test_parity_check_on_another_scene_with_labels(bundle, datasets, tmp_path):
     jasper = datasets / "jasper_ridge"
     res = runner.invoke(app, ["parity-check", str(bundle), "--scene", str(jasper / "JasperRidge2_R198.mat"),
-                              "--labels", str(jasper / "_EndJasperRidge2_R198.mat"), "--json"])
+                              "--labels", str(jasper / "_EndJasperRidge2_R198.mat"), "--every-pixel",
+                              "--json"])
     assert res.exit_code == 0, res.output
     figures = json.loads(res.stdout)["results"][0]["figures"]
     assert figures["pixels"] == 10000 and figures["labelled_pixels"] == 10000
 
 
-def test_failing_parity_exits_non_zero_naming_the_figure(bundle):
-    res = runner.invoke(app, ["parity-check", str(bundle), "--max-rel-l2", "1e-12"])
+def test_failing_parity_exits_non_zero_naming_the_figure(bundle, datasets):
+    res = runner.invoke(app, ["parity-check", str(bundle), "--scene", export_scene(datasets),
+                              "--max-rel-l2", "1e-12"])
     assert res.exit_code == 1
     assert "parity failed" in res.output and "rel_l2" in res.output
 
@@ -186,7 +193,7 @@ def test_tampered_artifact_is_refused(bundle, tmp_path):
     onnx_file.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="sha256"):
         open_bundle(copy)
-    res = runner.invoke(app, ["parity-check", str(copy)])
+    res = runner.invoke(app, ["parity-check", str(copy), "--scene", "any.tif"])
     assert res.exit_code == 1 and "sha256" in res.output
 
 
@@ -217,7 +224,7 @@ def test_export_without_held_out_data_says_so(checkpoints, tmp_path):
 def test_export_bad_options(checkpoints, tmp_path):
     res = runner.invoke(app, ["export", str(checkpoints["spectralmamba"]), "-o", str(tmp_path / "b"),
                               "--precision", "int4"])
-    assert res.exit_code == 1 and "--precision" in res.output
+    assert res.exit_code == 2 and "--precision" in res.output and "fp32, fp16, int8" in res.output
     res = runner.invoke(app, ["export", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "b")])
     assert res.exit_code == 1 and "not found" in res.output
 
@@ -321,7 +328,7 @@ def test_export_on_a_large_calibration_scene_stays_bounded(checkpoints, jasper_c
     with np.load(tmp_path / "b" / "heldout.npz") as h:
         pixels = h["pixels"]
     assert pixels.size == PARITY_PIXELS and pixels.max() < 512 * 512 and np.all(np.diff(pixels) > 0)
-    res = CliRunner().invoke(app, ["parity-check", str(tmp_path / "b"), "--json"])
+    res = CliRunner().invoke(app, ["parity-check", str(tmp_path / "b"), "--scene", str(scene), "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["pixels"] == PARITY_PIXELS

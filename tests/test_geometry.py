@@ -7,7 +7,8 @@ import json
 
 import numpy as np
 import rasterio
-from test_infer import runner, write_geotiff
+from conftest import write_geotiff
+from test_infer import runner
 
 from hsiedge.checkpoint import load_checkpoint
 from hsiedge.cli import app
@@ -39,7 +40,7 @@ def test_one_geometry_from_training_to_deployment(datasets, jasper_cube, tmp_pat
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["parity"]["results"][0]["figures"]["oa_original"] == trained_oa
 
-    res = runner.invoke(app, ["parity-check", str(bundle), "--json",
+    res = runner.invoke(app, ["parity-check", str(bundle), "--scene", str(scene), "--json",
                               "--save-polygraphy", str(tmp_path / "pg")])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)

@@ -13,48 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from rasterio.transform import from_origin
+from conftest import CRS, TRANSFORM, trained_bundle, write_geotiff
 from typer.testing import CliRunner
 
 from hsiedge.bundle import open_bundle
 from hsiedge.cli import app
-from hsiedge.export.bundle_export import export_bundle
 from hsiedge.parity import parity_data, pixel_logits, run_batches
 from hsiedge.runtimes import open_runner
 
 runner = CliRunner()
-CRS = "EPSG:32610"  # UTM 10N, where Jasper Ridge is
-TRANSFORM = from_origin(560000.0, 4140000.0, 20.0, 20.0)
-
-
-def trained_bundle(model: str, datasets: Path, out: Path) -> Path:
-    """`model` trained for 3 epochs on Jasper Ridge and exported (fp32, plugin scan)."""
-    jasper = datasets / "jasper_ridge"
-    res = runner.invoke(app, ["train", model, "--scene", str(jasper / "JasperRidge2_R198.mat"),
-                              "--labels", str(jasper / "_EndJasperRidge2_R198.mat"), "--epochs", "3",
-                              "-o", str(out / f"{model}.pt")])
-    assert res.exit_code == 0, res.output
-    export_bundle(out / f"{model}.pt", out / "bundle")
-    return out / "bundle"
-
-
-@pytest.fixture(scope="module")
-def sm_bundle(datasets, tmp_path_factory) -> Path:
-    return trained_bundle("spectralmamba", datasets, tmp_path_factory.mktemp("sm"))
-
-
-def write_geotiff(path: Path, cube: np.ndarray, nodata: float | None = None) -> Path:
-    """A (rows, cols, bands) cube as a georeferenced GeoTIFF, band-interleaved by pixel."""
-    h, w, b = cube.shape
-    with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=b, dtype=cube.dtype.name,
-                       crs=CRS, transform=TRANSFORM, nodata=nodata, interleave="pixel") as dst:
-        dst.write(cube.transpose(2, 0, 1))
-    return path
-
-
-@pytest.fixture(scope="module")
-def scene_tif(jasper_cube, tmp_path_factory) -> Path:
-    return write_geotiff(tmp_path_factory.mktemp("scene") / "jasper.tif", jasper_cube)
 
 
 def whole_scene_classes(bundle_path: Path, cube: np.ndarray, runtime: str) -> np.ndarray:
@@ -236,8 +203,11 @@ def test_image_model_tile_follows_the_memory_budget(mh_bundle, scene_tif, tmp_pa
     assert not (tmp_path / "b.tif").exists()
 
 
-def test_parity_check_reports_the_tiling_effect_apart(mh_bundle, scene_tif, jasper_cube, tmp_path):
-    res = runner.invoke(app, ["parity-check", str(mh_bundle), "--tile", "48", "--overlap", "16", "--json"])
+def test_parity_check_reports_the_tiling_effect_apart(mh_bundle, scene_tif, jasper_cube, tmp_path,
+                                                      datasets):
+    export_scene = ["--scene", str(datasets / "jasper_ridge" / "JasperRidge2_R198.mat")]
+    res = runner.invoke(app, ["parity-check", str(mh_bundle), *export_scene, "--tile", "48", "--overlap",
+                              "16", "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     effect = report["original"]["tiling_effect"]
@@ -258,7 +228,7 @@ def test_parity_check_reports_the_tiling_effect_apart(mh_bundle, scene_tif, jasp
     # by default, for each runtime the tiles `hsiedge infer --runtime R` picks on that scene: at
     # 900 MiB the whole scene for both; at 740 MiB the whole scene for torch, tiles for onnxruntime
     for budget in ([], ["--memory", "740"]):
-        res = runner.invoke(app, ["parity-check", str(mh_bundle), "--json", *budget])
+        res = runner.invoke(app, ["parity-check", str(mh_bundle), *export_scene, "--json", *budget])
         assert res.exit_code == 0, res.output
         report = json.loads(res.stdout)
         for runtime, effect in (("torch", report["original"]["tiling_effect"]),
@@ -272,7 +242,7 @@ def test_parity_check_reports_the_tiling_effect_apart(mh_bundle, scene_tif, jasp
                 picked["tile"], picked["overlap"], picked["tiles"]), (runtime, budget)
             (tmp_path / f"{runtime}.tif").unlink()
     # a budget the whole scene fits in: one tile, no tiling effect at all
-    res = runner.invoke(app, ["parity-check", str(mh_bundle), "--memory", "4000", "--json"])
+    res = runner.invoke(app, ["parity-check", str(mh_bundle), *export_scene, "--memory", "4000", "--json"])
     assert res.exit_code == 0, res.output
     effect = json.loads(res.stdout)["results"][0]["tiling_effect"]
     assert effect["tiles"] == 1 and effect["agreement"] == 1.0
@@ -292,7 +262,7 @@ def _failing_after(n: int, fn, error: BaseException):
 def test_full_disk_mid_run_keeps_finished_tiles_and_resumes(sm_bundle, scene_tif, tmp_path, monkeypatch):
     import errno
 
-    from hsiedge.infer import Staging
+    from hsiedge.infer.staging import Staging
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764547200")
     args = ["--bundle", str(sm_bundle), "--tile", "25", "--runtime", "torch"]
@@ -359,7 +329,8 @@ def test_image_tile_stays_within_a_tensorrt_engines_profile(mh_bundle):
     from hsiedge.infer import Geometry
 
     b = open_bundle(mh_bundle)
-    with_engine = Bundle(b.path, {**b.manifest, "engines": {"rtx": {"profile": {"max": [1, 198, 64, 64]}}}})
+    with_engine = Bundle(b.path, {**b.manifest, "engines": {"rtx": {"profile": {"max": [1, 198, 64, 64]}}}},
+                         b.manifest_sha256)
     # a budget the whole 100 x 100 scene fits in: torch takes it whole, the engine only 64-pixel tiles
     whole = Geometry.for_bundle(with_engine, runtime="torch", memory_mib=4000, scene_shape=(100, 100))
     capped = Geometry.for_bundle(with_engine, runtime="tensorrt", memory_mib=4000, scene_shape=(100, 100))

@@ -111,7 +111,7 @@ def test_runner_keeps_the_function_body_where_the_kernel_cannot_run(exported):
 
 
 def test_memory_estimate_follows_how_the_scans_run(exported):
-    from hsiedge.infer import IMAGE_MEMORY, _memory_profile
+    from hsiedge.infer.policy import IMAGE_MEMORY, _memory_profile
 
     plugin, _ = exported("mambahsi", "plugin", "fp32")
     portable_bundle, _ = exported("mambahsi", "portable", "fp32")

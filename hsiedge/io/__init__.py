@@ -11,33 +11,38 @@ from pathlib import Path
 import numpy as np
 
 from hsiedge.io.labels import LabelMap, read_labels
-from hsiedge.io.scene import ArrayScene, Scene, SceneInfo, SceneReadError, Window
+from hsiedge.io.scene import (
+    ArrayScene,
+    Scene,
+    SceneInfo,
+    SceneReadError,
+    Window,
+    load_npy,
+    require_regular_file,
+)
 
 # Data files that an ENVI header next to them describes (anything else goes to GDAL).
 ENVI_DATA_SUFFIXES = ("", ".raw", ".img", ".dat", ".bsq", ".bil", ".bip")
 
 
 def open_scene(path: str | Path, key: str | None = None) -> Scene:
-    """Open a hyperspectral scene for windowed reads; `key` picks the array of a `.mat` file."""
+    """Open a hyperspectral scene for windowed reads; `key` picks the array of a `.mat` file.
+
+    Every fault of the file is a `SceneReadError` with one sentence; a FIFO, socket or device is
+    refused before anything opens it."""
     path = Path(path)
-    if not path.exists():
-        raise SceneReadError(f"{path}: file not found")
-    if path.is_dir():
-        raise SceneReadError(f"{path}: expected a scene file, found a directory")
+    require_regular_file(path, "scene file")
     suffix = path.suffix.lower()
     if suffix == ".mat":
         from hsiedge.io.matlab import open_mat_scene
 
         return open_mat_scene(path, key)
     if suffix == ".npy":
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except (ValueError, OSError) as e:
-            raise SceneReadError(f"{path}: expected a NumPy .npy array, but reading failed ({e})") from e
+        arr = load_npy(path)
         if arr.ndim != 3:
             raise SceneReadError(f"{path}: expected a 3-D (rows, cols, bands) array, found shape {arr.shape}")
         return ArrayScene(SceneInfo(path, *arr.shape, arr.dtype, layout="npy (rows, cols, bands)"), arr)
-    if suffix == ".hdr" or (suffix in ENVI_DATA_SUFFIXES and path.with_suffix(".hdr").is_file()):
+    if suffix == ".hdr" or (suffix in ENVI_DATA_SUFFIXES and path.with_suffix(".hdr").exists()):
         from hsiedge.io.envi import open_envi_scene
 
         return open_envi_scene(path)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hsiedge.io.scene import SceneReadError
+from hsiedge.io.scene import SceneReadError, checked_dtype, load_npy, require_regular_file
+
+MAX_CLASS_ID = 65535  # maps are kept as uint8 or uint16
 
 
 @dataclass
@@ -26,9 +28,15 @@ class LabelMap:
 
 def _from_abundances(path: Path, arrays: dict, shape: tuple[int, int] | None) -> LabelMap:
     """Class of each pixel = the endmember with the largest reference abundance (1-based)."""
-    A = np.asarray(arrays["A"], dtype=np.float64)
+    from hsiedge.io.matlab import mat_count
+
+    A = np.asarray(arrays["A"])
+    checked_dtype(path, A.dtype, what="abundances A")
+    if A.ndim != 2 or A.size == 0:
+        raise SceneReadError(f"{path}: expected abundances A of shape (endmembers, pixels), found {A.shape}")
+    A = A.astype(np.float64)
     if "nRow" in arrays and "nCol" in arrays:
-        shape = (int(np.asarray(arrays["nRow"]).ravel()[0]), int(np.asarray(arrays["nCol"]).ravel()[0]))
+        shape = (mat_count(path, arrays, "nRow"), mat_count(path, arrays, "nCol"))
     if shape is None:
         raise SceneReadError(f"{path}: abundances A {A.shape} without nRow / nCol: the scene's rows and "
                              f"columns are needed to lay them out (read them with the scene's shape)")
@@ -42,12 +50,13 @@ def _from_abundances(path: Path, arrays: dict, shape: tuple[int, int] | None) ->
 
 
 def read_labels(path: str | Path, key: str | None = None, shape: tuple[int, int] | None = None) -> LabelMap:
-    """Read a label map; `shape` is the scene's (rows, cols), checked against the map."""
+    """Read a label map; `shape` is the scene's (rows, cols), checked against the map.
+
+    Every fault of the file is a `SceneReadError` with one sentence, as for scenes."""
     from hsiedge.io.matlab import read_mat_labels
 
     path = Path(path)
-    if not path.is_file():
-        raise SceneReadError(f"{path}: label file not found")
+    require_regular_file(path, "label file")
     suffix = path.suffix.lower()
     names = None
     if suffix == ".mat":
@@ -56,7 +65,7 @@ def read_labels(path: str | Path, key: str | None = None, shape: tuple[int, int]
             labels = _from_abundances(path, arrays, shape).labels
             names = endmembers if endmembers and len(endmembers) == labels.max() else None
     elif suffix == ".npy":
-        labels = np.load(path, mmap_mode="r")
+        labels = load_npy(path)
     else:
         from hsiedge.io import open_scene
 
@@ -67,10 +76,15 @@ def read_labels(path: str | Path, key: str | None = None, shape: tuple[int, int]
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise SceneReadError(f"{path}: expected a 2-D label map, found shape {labels.shape}")
+    checked_dtype(path, labels.dtype, what="class ids", kinds="uifb")
+    if labels.size == 0:
+        raise SceneReadError(f"{path}: expected a label map with at least one pixel, found shape "
+                             f"{labels.shape}")
     if labels.dtype.kind == "f" and (not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels))):
         raise SceneReadError(f"{path}: expected integer class ids, found non-integer values")
-    if labels.min() < 0:
-        raise SceneReadError(f"{path}: expected class ids >= 0 (0 = unlabeled), found {labels.min()}")
+    if labels.min() < 0 or labels.max() > MAX_CLASS_ID:
+        bad = labels.min() if labels.min() < 0 else labels.max()
+        raise SceneReadError(f"{path}: expected class ids from 0 (unlabeled) to {MAX_CLASS_ID}, found {bad}")
     labels = labels.astype(np.uint16 if labels.max() > 255 else np.uint8)
     if shape is not None and labels.shape != tuple(shape):
         raise SceneReadError(f"{path}: label map is {labels.shape[0]} x {labels.shape[1]} but the scene is "

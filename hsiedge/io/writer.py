@@ -19,13 +19,14 @@ import shutil
 import tempfile
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
 import rasterio.shutil
+from rasterio._err import CPLE_BaseError  # GDAL errors rasterio raises as they are (not RasterioError)
 from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.transform import Affine
@@ -64,11 +65,29 @@ def _profile(height: int, width: int, count: int, dtype: np.dtype, crs: str | No
     return profile
 
 
-def _atomic_cog(path: Path, profile: dict[str, Any], fill, resampling: str) -> Path:
-    """Write a tiled GeoTIFF next to `path` with `fill(dst)`, copy it into a COG with overviews
-    (`resampling`), rename that to `path`.
+def _read_back(path: Path, expected: Callable[[slice, slice], np.ndarray]) -> None:
+    """Read every block of the finished file and compare it with `expected(rows, cols)`, then
+    flush it to disk: GDAL can leave a short file on a full disk without an error."""
+    with rasterio.open(path) as src:
+        for rows, cols, window in _blocks(src.height, src.width):
+            want = expected(rows, cols)
+            if not np.array_equal(src.read(window=window).reshape(want.shape), want):
+                raise OSError(f"{path.name} does not read back as written (block at row {rows.start}, "
+                              f"column {cols.start})")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    GDAL's write errors (a full disk, a file-size limit) come out as OSError with their reason.
+
+def _atomic_cog(path: Path, profile: dict[str, Any], fill, resampling: str,
+                expected: Callable[[slice, slice], np.ndarray]) -> Path:
+    """Write a tiled GeoTIFF next to `path` with `fill(dst)`, copy it into a COG with overviews
+    (`resampling`), read it back against `expected`, rename it to `path`.
+
+    GDAL's write errors (a full disk, a file-size limit) and a file that does not read back as
+    written come out as OSError with their reason; nothing then appears under `path`.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, stage = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".stage.tif", dir=path.parent)
@@ -81,9 +100,11 @@ def _atomic_cog(path: Path, profile: dict[str, Any], fill, resampling: str) -> P
             with atomic_path(path, ".partial.tif") as tmp:
                 rasterio.shutil.copy(stage, tmp, driver="COG", COMPRESS="DEFLATE", PREDICTOR="YES",
                                      BLOCKSIZE=BLOCK, OVERVIEW_RESAMPLING=resampling, BIGTIFF="IF_SAFER")
-    except RasterioError as e:
+                _read_back(tmp, expected)
+    except (RasterioError, CPLE_BaseError, OSError) as e:
         free = shutil.disk_usage(path.parent).free
-        raise OSError(f"{gdal_reason(e)}; {free / 2**20:,.0f} MiB free in {path.parent}") from e
+        reason = gdal_reason(e) if isinstance(e, RasterioError | CPLE_BaseError) else (e.strerror or str(e))
+        raise OSError(f"{reason}; {free / 2**20:,.0f} MiB free in {path.parent}") from e
     finally:
         Path(stage).unlink(missing_ok=True)
     return path
@@ -145,7 +166,8 @@ def write_class_map(path: str | Path, classes: np.ndarray, classes_table: list[d
                         **_provenance_tags(provenance))
 
     path = Path(path)
-    _atomic_cog(path, _profile(height, width, 1, classes.dtype, crs, transform, nodata=0), fill, "MODE")
+    _atomic_cog(path, _profile(height, width, 1, classes.dtype, crs, transform, nodata=0), fill, "MODE",
+                lambda rows, cols: np.asarray(classes[rows, cols]))
     _write_categories(path, classes_table, counts)
     return path
 
@@ -165,4 +187,5 @@ def write_probabilities(path: str | Path, probs: np.ndarray, class_names: list[s
         dst.update_tags(SCALE="probability = value / 255", **_provenance_tags(provenance))
 
     profile = _profile(height, width, k, np.dtype(np.uint8), crs, transform, nodata=None)
-    return _atomic_cog(Path(path), profile, fill, "AVERAGE")
+    return _atomic_cog(Path(path), profile, fill, "AVERAGE",
+                       lambda rows, cols: np.asarray(probs[:, rows, cols]))
