@@ -5,7 +5,7 @@ PY       := $(VENV)/bin/python
 TORCH    := torch==2.13.0
 STAMP    := $(VENV)/.hsiedge-installed
 
-.PHONY: setup test lint demo bench bench-accuracy bench-export-memory bench-infer bench-gpu cuda-ext clean
+.PHONY: setup test lint demo bench bench-accuracy bench-bad-inputs bench-export-memory bench-infer bench-gpu cuda-ext clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-gpu: cuda-ext  ## the CUDA kernel at both extremes vs copy bandwidth and t
 
 bench-accuracy: setup  ## the three models vs an RBF-SVM on Jasper Ridge, 3 seeds x 2 protocols (over an hour)
 	$(PY) bench/accuracy.py
+
+bench-bad-inputs: setup  ## a census of bad inputs (scenes, manifests, checkpoints, keys, outputs, ...): handled / tracebacks / unsafe (~5 min)
+	$(PY) bench/bad_inputs.py
 
 bench-export-memory: setup  ## peak memory and time of int8 exports, Jasper Ridge and a 1024 x 1024 scene (~15 min)
 	$(PY) bench/export_memory.py

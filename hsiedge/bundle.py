@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hsiedge.atomic import atomic_path, publish_dir
+from hsiedge.files import file_kind
 from hsiedge.manifest import SCHEMA
 from hsiedge.preprocess import Chain
 
@@ -154,11 +155,9 @@ def _artifact_path(bundle: Path, kind: str, name: Any) -> Path:
         mode = os.lstat(f).st_mode
     except FileNotFoundError:
         raise BundleError(f"{f}: the manifest lists this {kind} artifact but the file is missing") from None
-    if stat.S_ISLNK(mode):
-        raise BundleError(f"{f}: the {kind} artifact is a symbolic link; a bundle's artifacts must be "
-                          "regular files inside it")
     if not stat.S_ISREG(mode):
-        raise BundleError(f"{f}: the {kind} artifact is not a regular file")
+        raise BundleError(f"{f}: the {kind} artifact is {file_kind(mode)}; a bundle's artifacts must be "
+                          "regular files inside it")
     return f
 
 
@@ -169,9 +168,8 @@ def read_manifest_bytes(path: Path) -> bytes:
         st = os.lstat(mf)
     except FileNotFoundError:
         raise BundleError(f"{path}: no {MANIFEST}; not a bundle written by `hsiedge export`") from None
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
-        raise BundleError(f"{mf}: expected a regular file inside the bundle, found "
-                          f"{'a symbolic link' if stat.S_ISLNK(st.st_mode) else 'something else'}")
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{mf}: expected a regular file inside the bundle, found {file_kind(st.st_mode)}")
     if st.st_size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{mf}: expected at most {MAX_MANIFEST_BYTES >> 20} MiB, found "
                           f"{st.st_size:,} bytes")
@@ -182,7 +180,8 @@ def open_bundle(path: str | Path, trusted_keys: Sequence[str | Path] = ()) -> Bu
     """Read and verify a bundle: its signature (when `trusted_keys` are given, required), the
     manifest's schema and consistency, the sha256 of every artifact, and the manifest against
     the ONNX graph (input, classes, precision, scan)."""
-    from hsiedge.manifest import ManifestError, check_against_graph, check_semantics, parse_manifest
+    from hsiedge.manifest import ManifestError, check_semantics, parse_manifest
+    from hsiedge.manifest_graph import check_against_graph
     from hsiedge.signing import SignatureError, verify_manifest
 
     path = Path(path)

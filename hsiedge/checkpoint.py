@@ -33,6 +33,7 @@ from torch import nn
 
 from hsiedge import __version__
 from hsiedge.atomic import atomic_path
+from hsiedge.files import file_kind
 from hsiedge.models import MODELS, build_model
 from hsiedge.models.registry import check_config, short_repr
 from hsiedge.preprocess import Chain
@@ -144,14 +145,6 @@ def _is_plain(t: torch.Tensor) -> bool:
             and t.numel() * t.element_size() <= t.untyped_storage().nbytes())
 
 
-def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
-        if test(mode):
-            return kind
-    return "something other than a regular file"
-
-
 def _read(path: Path) -> Any:
     """torch.load(weights_only=True) of a regular file; every failure is one CheckpointError."""
     try:
@@ -162,7 +155,7 @@ def _read(path: Path) -> Any:
         raise CheckpointError(f"{path}: expected a readable file, found an error "
                               f"({getattr(e, 'strerror', None) or 'not a usable path'})") from None
     if not stat.S_ISREG(mode):  # refused before opening: a FIFO would wait for a writer
-        raise CheckpointError(f"{path}: expected a checkpoint file, found {_file_kind(mode)}")
+        raise CheckpointError(f"{path}: expected a checkpoint file, found {file_kind(mode)}")
     try:  # non-blocking, so that a FIFO swapped in since the stat cannot hang the open either
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as e:
@@ -170,7 +163,7 @@ def _read(path: Path) -> Any:
     with os.fdopen(fd, "rb") as f:
         mode = os.fstat(f.fileno()).st_mode
         if not stat.S_ISREG(mode):
-            raise CheckpointError(f"{path}: expected a checkpoint file, found {_file_kind(mode)}")
+            raise CheckpointError(f"{path}: expected a checkpoint file, found {file_kind(mode)}")
         try:
             with warnings.catch_warnings():  # its note on old pickle protocols: our refusal says enough
                 warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)

@@ -106,6 +106,15 @@ def _open_bundle(path: Path, trusted_keys: list[Path] | None = None):
         fail(str(e))
 
 
+def _safe_outputs(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
+    """Fail now if an output would replace an input or another output (`hsiedge.files.output_clash`)."""
+    from hsiedge.files import output_clash
+
+    clash = output_clash(outputs, inputs)
+    if clash:
+        fail(clash)
+
+
 def _writable(path: Path, what: str) -> None:
     """Fail now, before long work, if `what` cannot be written at `path`."""
     from hsiedge.atomic import check_writable
@@ -227,8 +236,10 @@ def train(
         parse_protocol(protocol)
     except ValueError as e:
         fail(str(e))
-    _writable(output, "checkpoint")  # found now, not after hours of training
     state_path = state_path_for(output)
+    _safe_outputs({"checkpoint": output, "training state": state_path},
+                  {f"the scene {scene.name}": scene, f"the labels {labels.name}": labels})
+    _writable(output, "checkpoint")  # found now, not after hours of training
     if resume and not state_path.is_file():
         fail(f"nothing to resume: {state_path} is not there (a run writes it after each epoch)")
     if not resume and state_path.exists():
@@ -408,6 +419,7 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Export a checkpoint to a bundle (ONNX + manifest) and prove it with a parity check."""
+    from hsiedge.bundle import BundleError
     from hsiedge.checkpoint import CheckpointError
     from hsiedge.export.bundle_export import ExportError, ParityFailedError, export_bundle
     from hsiedge.signing import SignatureError, load_private_key
@@ -417,6 +429,10 @@ def export(
             load_private_key(sign)  # a bad key is found before the export, not after
         except SignatureError as e:
             fail(str(e))
+    _safe_outputs({"bundle": output}, {f"the checkpoint {checkpoint.name}": checkpoint,
+                                       **({f"the calibration scene {calib.name}": calib} if calib else {})})
+    if output.exists() and not (output / "manifest.json").is_file():
+        fail(f"{output}: exists and is not a bundle; refusing to replace it (choose another -o)")
     _writable(output, "bundle")
     with _spinner("exporting") as update:
         try:
@@ -428,7 +444,7 @@ def export(
         except ParityFailedError as e:
             console.print(_parity_table(e.report, "parity at export"))
             fail(str(e))
-        except (ExportError, CheckpointError) as e:
+        except (ExportError, CheckpointError, BundleError) as e:
             fail(str(e))
     if sign is not None:
         _sign(output, sign)

@@ -3,8 +3,8 @@
 `parse_manifest` caps size and nesting depth before decoding, then validates the JSON against
 a pydantic schema (keys, types, enumerations, bounds, safe artifact file names); unknown keys
 are allowed for forward compatibility except in artifact entries and preprocessing steps.
-`check_semantics` checks the manifest against itself, `check_against_graph` against the ONNX
-graph it describes.  Each refuses with one `ManifestError` sentence naming the field (dotted
+`check_semantics` checks the manifest against itself (`hsiedge.manifest_graph` checks it
+against the ONNX graph it describes).  Each refuses with one `ManifestError` sentence naming the field (dotted
 path), what was expected and what was found; callers prefix the file path.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -48,7 +47,8 @@ def _found(v: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _check(ok: bool, field: str, expected: str, found: Any) -> None:
+def expect(ok: bool, field: str, expected: str, found: Any) -> None:
+    """Raise the one-sentence ManifestError for `field` unless `ok`."""
     if not ok:
         raise ManifestError(f"{field}: expected {expected}, found {_found(found)}")
 
@@ -254,21 +254,21 @@ class Manifest(_Open):
     @classmethod
     def _ids_in_order(cls, v: list[ClassInfo]) -> list[ClassInfo]:
         for i, c in enumerate(v):
-            _check(c.id == i + 1, f"classes[{i}].id", f"{i + 1} (ids 1..{len(v)} in order)", c.id)
+            expect(c.id == i + 1, f"classes[{i}].id", f"{i + 1} (ids 1..{len(v)} in order)", c.id)
         return v
 
     @field_validator("opset")
     @classmethod
     def _default_domain(cls, v: dict[str, int]) -> dict[str, int]:
-        _check("ai.onnx" in v, "opset.ai.onnx", "the ONNX opset version", None)
+        expect("ai.onnx" in v, "opset.ai.onnx", "the ONNX opset version", None)
         return v
 
     @field_validator("artifacts")
     @classmethod
     def _onnx_and_distinct(cls, v: dict[str, Artifact]) -> dict[str, Artifact]:
-        _check("onnx" in v, "artifacts.onnx", "the ONNX model's entry", None)
+        expect("onnx" in v, "artifacts.onnx", "the ONNX model's entry", None)
         files = [a.file for a in v.values()]
-        _check(len(set(files)) == len(files), "artifacts", "a different file for every artifact", files)
+        expect(len(set(files)) == len(files), "artifacts", "a different file for every artifact", files)
         return v
 
 
@@ -357,156 +357,69 @@ def check_semantics(manifest: dict[str, Any]) -> None:
     """Cross-check a parsed manifest against itself: bands through preprocessing, classes, kinds, engines."""
     inp, pre, cfg, n = manifest["input"], manifest["preprocessing"], manifest["model"]["config"], \
         len(manifest["classes"])
-    _check(pre["in_bands"] == inp["scene_bands"], "preprocessing.in_bands",
+    expect(pre["in_bands"] == inp["scene_bands"], "preprocessing.in_bands",
            f"{inp['scene_bands']} (input.scene_bands)", pre["in_bands"])
     bands = pre["in_bands"]
     for i, t in enumerate(pre["transforms"]):
         at = f"preprocessing.transforms[{i}]"
         for key in ("lo", "hi", "mean", "std"):
             if key in t:
-                _check(len(t[key]) == bands, f"{at}.{key}", f"{bands} values, one per band", t[key])
+                expect(len(t[key]) == bands, f"{at}.{key}", f"{bands} values, one per band", t[key])
         if t["kind"] == "pca":
-            _check(t["k"] <= bands, f"{at}.k", f"at most {bands} (the bands it gets)", t["k"])
-            _check(len(t["components"]) == t["k"], f"{at}.components", f"{t['k']} rows (k)", t["components"])
+            expect(t["k"] <= bands, f"{at}.k", f"at most {bands} (the bands it gets)", t["k"])
+            expect(len(t["components"]) == t["k"], f"{at}.components", f"{t['k']} rows (k)", t["components"])
             for r, row in enumerate(t["components"]):
-                _check(len(row) == bands, f"{at}.components[{r}]", f"{bands} values, one per band", row)
+                expect(len(row) == bands, f"{at}.components[{r}]", f"{bands} values, one per band", row)
             bands = t["k"]
         elif t["kind"] == "band_select":
-            _check(max(t["indices"]) < bands, f"{at}.indices", f"indices below {bands}", max(t["indices"]))
+            expect(max(t["indices"]) < bands, f"{at}.indices", f"indices below {bands}", max(t["indices"]))
             bands = len(t["indices"])
-    _check(inp["bands"] == bands, "input.bands", f"{bands} (the bands preprocessing produces)", inp["bands"])
+    expect(inp["bands"] == bands, "input.bands", f"{bands} (the bands preprocessing produces)", inp["bands"])
     if inp.get("wavelengths") is not None:
-        _check(len(inp["wavelengths"]) == inp["scene_bands"], "input.wavelengths",
+        expect(len(inp["wavelengths"]) == inp["scene_bands"], "input.wavelengths",
                f"{inp['scene_bands']} values (input.scene_bands)", inp["wavelengths"])
     for key, want, what in (("in_channels", inp["bands"], "input.bands"), ("num_classes", n, "the classes"),
                             ("patch_size", inp["patch_size"], "input.patch_size")):
         if key in cfg:
-            _check(cfg[key] == want, f"model.config.{key}", f"{want} ({what})", cfg[key])
+            expect(cfg[key] == want, f"model.config.{key}", f"{want} ({what})", cfg[key])
     kind, p = inp["kind"], inp["patch_size"]
-    _check(inp["layout"] == ("NC" if kind == "pixel" else "NCHW"), "input.layout",
+    expect(inp["layout"] == ("NC" if kind == "pixel" else "NCHW"), "input.layout",
            f"{'NC' if kind == 'pixel' else 'NCHW'} for a {kind} model", inp["layout"])
-    _check(manifest["output"]["layout"] == ("NKHW" if kind == "image" else "NK"), "output.layout",
+    expect(manifest["output"]["layout"] == ("NKHW" if kind == "image" else "NK"), "output.layout",
            f"{'NKHW' if kind == 'image' else 'NK'} for a {kind} model", manifest["output"]["layout"])
-    _check((p % 2 == 1) if kind == "patch" else p == 0, "input.patch_size",
+    expect((p % 2 == 1) if kind == "patch" else p == 0, "input.patch_size",
            "an odd size for a patch model" if kind == "patch" else f"0 for a {kind} model", p)
-    _check((inp.get("padding") is not None) == (kind == "patch"), "input.padding",
+    expect((inp.get("padding") is not None) == (kind == "patch"), "input.padding",
            "padding for a patch model" if kind == "patch" else f"null for a {kind} model", inp.get("padding"))
     if kind == "image":
-        _check(inp.get("tile_multiple") is not None, "input.tile_multiple", "a tile multiple", None)
+        expect(inp.get("tile_multiple") is not None, "input.tile_multiple", "a tile multiple", None)
     plugin, scan = manifest.get("plugin"), manifest["scan"]
-    _check((plugin is not None) == (scan == "plugin"), "plugin",
+    expect((plugin is not None) == (scan == "plugin"), "plugin",
            "the plugin the graph needs" if scan == "plugin" else "null for a portable graph", plugin)
-    _check(("hsiedge" in manifest["opset"]) == (scan == "plugin"), "opset.hsiedge",
+    expect(("hsiedge" in manifest["opset"]) == (scan == "plugin"), "opset.hsiedge",
            "the hsiedge opset version" if scan == "plugin" else "no hsiedge opset for a portable graph",
            manifest["opset"].get("hsiedge"))
     calibration = manifest.get("calibration")
-    _check((calibration is not None) == (manifest["precision"] == "int8"), "calibration",
+    expect((calibration is not None) == (manifest["precision"] == "int8"), "calibration",
            "the int8 calibration" if manifest["precision"] == "int8" else "null unless int8", calibration)
     artifacts = manifest["artifacts"]
     rank = 2 if kind == "pixel" else 4
     for target, e in (manifest.get("engines") or {}).items():
         at = f"engines.{target}"
-        _check(e["target"] == target, f"{at}.target", repr(target), e["target"])
-        _check(e["artifact"] in artifacts, f"{at}.artifact", "an artifact the bundle lists", e["artifact"])
+        expect(e["target"] == target, f"{at}.target", repr(target), e["target"])
+        expect(e["artifact"] in artifacts, f"{at}.artifact", "an artifact the bundle lists", e["artifact"])
         for key in ("precision", "scan"):
-            _check(e[key] == manifest[key], f"{at}.{key}", f"{manifest[key]!r} (the bundle's {key})", e[key])
+            expect(e[key] == manifest[key], f"{at}.{key}", f"{manifest[key]!r} (the bundle's {key})", e[key])
         lib = e.get("plugin")
-        _check((lib is not None) == (scan == "plugin"), f"{at}.plugin",
+        expect((lib is not None) == (scan == "plugin"), f"{at}.plugin",
                "the plugin library's entry" if scan == "plugin" else "null for a portable graph", lib)
         if lib is not None:
-            _check(lib["artifact"] in artifacts and artifacts[lib["artifact"]]["sha256"] == lib["sha256"],
+            expect(lib["artifact"] in artifacts and artifacts[lib["artifact"]]["sha256"] == lib["sha256"],
                    f"{at}.plugin.sha256", "the sha256 of a plugin artifact the bundle lists", lib["sha256"])
         shapes = [e["profile"].get(k) for k in ("min", "opt", "max")]
         for k, s in zip(("min", "opt", "max"), shapes, strict=True):
             ok = (s is not None and len(s) == rank and s[1] == inp["bands"]
                   and (kind != "patch" or s[2] == s[3] == p))
-            _check(ok, f"{at}.profile.{k}", f"a rank-{rank} {kind} input shape with {inp['bands']} bands", s)
-        _check(all(a <= b <= c for a, b, c in zip(*shapes, strict=True)), f"{at}.profile",
+            expect(ok, f"{at}.profile.{k}", f"a rank-{rank} {kind} input shape with {inp['bands']} bands", s)
+        expect(all(a <= b <= c for a, b, c in zip(*shapes, strict=True)), f"{at}.profile",
                "min <= opt <= max in every dimension", shapes)
-
-
-def _subgraphs(graph: Any) -> Any:
-    """`graph` and every graph nested in its nodes' attributes (Loop / Scan / If bodies)."""
-    yield graph
-    for node in graph.node:
-        for a in node.attribute:
-            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                yield from _subgraphs(g)
-
-
-def _tensors(model: Any) -> Any:
-    """Every TensorProto the model stores: initializers and attribute tensors, functions included."""
-    nodes = [n for f in model.functions for n in f.node]
-    for g in _subgraphs(model.graph):
-        yield from g.initializer
-        for s in g.sparse_initializer:
-            yield from (s.values, s.indices)
-        nodes += g.node
-    for n in nodes:
-        for a in n.attribute:
-            yield from ([a.t] if a.HasField("t") else []) + list(a.tensors)
-            for s in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
-                yield from (s.values, s.indices)
-
-
-def check_against_graph(manifest: dict[str, Any], onnx_path: Path) -> None:
-    """Cross-check a parsed manifest against its ONNX graph (never reading external data): input name,
-    dtype and shape, class count, precision, scan mode and opsets."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except (OSError, DecodeError, ValueError):
-        raise ManifestError("artifacts.onnx: expected an ONNX model, found a file ONNX cannot read") from None
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL or t.external_data for t in _tensors(model))
-    _check(not external, "artifacts.onnx", "a self-contained model (bundles allow no external data files)",
-           "a model that refers to external data files")
-
-    def same(field: str, graph: Any, ours: Any, what: str) -> None:
-        _check(graph == ours, field, f"{graph!r} as in the ONNX graph ({what})", ours)
-
-    g, inp, out = model.graph, manifest["input"], manifest["output"]
-    inputs = [v for v in g.input if v.name not in {i.name for i in g.initializer}]
-    same("input", 1, len(inputs), "its number of inputs")
-    same("output", 1, len(g.output), "its number of outputs")
-    same("input.name", inputs[0].name, inp["name"], "its input")
-    same("output.name", g.output[0].name, out["name"], "its output")
-    names = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
-    for field, v in (("input.dtype", inputs[0]), ("output.dtype", g.output[0])):
-        dtype = v.type.tensor_type.elem_type
-        same(field, names.get(dtype, f"ONNX type {dtype}"), "float32", f"{v.name}'s element type")
-    dims = [[d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            for v in (inputs[0], g.output[0])]
-    shape, kind = dims[0], inp["kind"]
-    same("input.layout", {2: "NC", 4: "NCHW"}.get(len(shape), f"rank {len(shape)}"), inp["layout"],
-         "input rank")
-    same("input.bands", shape[1], inp["bands"], "input dimension 1")
-    if len(shape) == 4:
-        same("input.kind", "image" if shape[2:] == [None, None] else "patch", kind, "input height and width")
-        if kind == "patch":
-            same("input.patch_size", shape[2] if shape[2] == shape[3] else shape[2:], inp["patch_size"],
-                 "input dimensions 2 and 3")
-    else:
-        same("input.kind", "pixel", kind, "a rank-2 input")
-    if inp.get("batch_dynamic", True):
-        same("input.batch_dynamic", shape[0] is None, True, "whether input dimension 0 is dynamic")
-    same("output.layout", {2: "NK", 4: "NKHW"}.get(len(dims[1]), f"rank {len(dims[1])}"), out["layout"],
-         "output rank")
-    same("classes", dims[1][1], len(manifest["classes"]), "number of classes: output dimension 1")
-    graphs = list(_subgraphs(g))
-    ops = [(n.domain or "ai.onnx", n.op_type) for sub in graphs for n in sub.node]
-    half = onnx.TensorProto.FLOAT16
-    has_half = any(t.data_type == half for sub in graphs for t in sub.initializer) or any(
-        n.op_type == "Cast" and any(a.name == "to" and a.i == half for a in n.attribute)
-        for sub in graphs for n in sub.node)
-    has_qdq = any(op in (("ai.onnx", "QuantizeLinear"), ("ai.onnx", "DequantizeLinear")) for op in ops)
-    same("precision", "int8" if has_qdq else "fp16" if has_half else "fp32", manifest["precision"],
-         "Q/DQ nodes for int8, float16 tensors for fp16, neither for fp32")
-    scans = ops.count(("hsiedge", "SelectiveScan"))
-    same("scan", "plugin" if scans else "portable", manifest["scan"], f"{scans} hsiedge SelectiveScan nodes")
-    if manifest["scan"] == "plugin" and manifest.get("scan_calls") is not None:
-        same("scan_calls", scans, manifest["scan_calls"], "hsiedge SelectiveScan nodes")
-    imports = {o.domain or "ai.onnx": o.version for o in model.opset_import}
-    for domain in sorted({"ai.onnx", "hsiedge", *manifest["opset"]}):
-        same(f"opset.{domain}", imports.get(domain), manifest["opset"].get(domain), "its opset imports")

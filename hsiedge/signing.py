@@ -17,12 +17,14 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from hsiedge.atomic import atomic_path
+from hsiedge.files import file_kind
 
 SIGNATURE = "manifest.sig"
 ALGORITHM = "ed25519"
@@ -47,7 +49,7 @@ def _read_small(path: Path, what: str, limit: int) -> bytes:
     except OSError as e:
         raise SignatureError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
     if not stat.S_ISREG(st.st_mode):
-        raise SignatureError(f"{path}: expected the {what} as a regular file, found something else")
+        raise SignatureError(f"{path}: expected the {what} as a regular file, found {file_kind(st.st_mode)}")
     if st.st_size > limit:
         raise SignatureError(f"{path}: expected a {what} of at most {limit} bytes, found {st.st_size}")
     return path.read_bytes()
@@ -72,36 +74,33 @@ def generate_key(path: str | Path) -> tuple[Path, Path]:
     return path, public
 
 
-def load_private_key(path: str | Path) -> Ed25519PrivateKey:
-    """An Ed25519 private key from a PEM (PKCS#8) or OpenSSH file without a passphrase."""
+def _load_key(path: str | Path, what: str, loaders: tuple, kind: type, hint: str) -> Any:
+    """The first of `loaders` that reads the file at `path` as a key of type `kind`."""
     path = Path(path)
-    data = _read_small(path, "private key", MAX_KEY_BYTES)
-    for load in (serialization.load_pem_private_key, serialization.load_ssh_private_key):
-        try:
-            key = load(data, password=None)
-        except (ValueError, TypeError, binascii.Error, UnsupportedAlgorithm):
-            continue
-        if isinstance(key, Ed25519PrivateKey):
-            return key
-        raise SignatureError(f"{path}: expected an Ed25519 private key, found a {type(key).__name__}")
-    raise SignatureError(f"{path}: expected an Ed25519 private key (PEM or OpenSSH, without a passphrase), "
-                         "found something else")
-
-
-def load_public_key(path: str | Path) -> Ed25519PublicKey:
-    """An Ed25519 public key from a PEM (SPKI) file or an OpenSSH `ssh-ed25519 ...` line."""
-    path = Path(path)
-    data = _read_small(path, "public key", MAX_KEY_BYTES)
-    for load in (serialization.load_pem_public_key, serialization.load_ssh_public_key):
+    data = _read_small(path, f"{what} key", MAX_KEY_BYTES)
+    for load in loaders:
         try:
             key = load(data)
         except (ValueError, TypeError, binascii.Error, UnsupportedAlgorithm):
             continue
-        if isinstance(key, Ed25519PublicKey):
+        if isinstance(key, kind):
             return key
-        raise SignatureError(f"{path}: expected an Ed25519 public key, found a {type(key).__name__}")
-    raise SignatureError(f"{path}: expected an Ed25519 public key (PEM or an OpenSSH line), found something "
-                         "else (a private key goes to `hsiedge sign`, its .pub to --trusted-key)")
+        raise SignatureError(f"{path}: expected an Ed25519 {what} key, found a {type(key).__name__}")
+    raise SignatureError(f"{path}: expected an Ed25519 {what} key ({hint}), found something else")
+
+
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    """An Ed25519 private key from a PEM (PKCS#8) or OpenSSH file without a passphrase."""
+    return _load_key(path, "private", (lambda d: serialization.load_pem_private_key(d, password=None),
+                                       lambda d: serialization.load_ssh_private_key(d, password=None)),
+                     Ed25519PrivateKey, "PEM or OpenSSH, without a passphrase")
+
+
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    """An Ed25519 public key from a PEM (SPKI) file or an OpenSSH `ssh-ed25519 ...` line."""
+    return _load_key(path, "public", (serialization.load_pem_public_key, serialization.load_ssh_public_key),
+                     Ed25519PublicKey, "PEM or an OpenSSH line; a private key goes to `hsiedge sign`, its "
+                     ".pub to --trusted-key")
 
 
 def sign_manifest(bundle: str | Path, manifest: bytes, private_key: str | Path) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
 from hsiedge.bundle import Bundle
-from hsiedge.checkpoint import load_checkpoint
+from hsiedge.checkpoint import CheckpointError, load_checkpoint
 from hsiedge.runtimes.base import Runner, RuntimeSpec, RuntimeUnavailableError, register_runtime
 
 
@@ -18,7 +20,18 @@ class TorchRunner(Runner):
         self._device = torch.device(device or "cpu")
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeUnavailableError("torch runtime on cuda asked for, but PyTorch sees no CUDA GPU")
-        self.model = load_checkpoint(bundle.artifact("checkpoint")).build().to(self._device)
+        try:
+            ckpt = load_checkpoint(bundle.artifact("checkpoint"))
+        except CheckpointError as e:
+            raise RuntimeUnavailableError(f"the bundle's checkpoint cannot be used: {e}") from None
+        said = bundle.manifest["model"]
+        held = {"name": ckpt.model_name, "config": json.loads(json.dumps(ckpt.config))}
+        differ = [k for k in ("name", "config") if said.get(k, held[k]) != held[k]]
+        if differ:
+            what = " and ".join(differ)
+            raise RuntimeUnavailableError(f"{bundle.path}: the manifest and its checkpoint disagree on the "
+                                          f"model's {what}; the manifest was edited after export")
+        self.model = ckpt.build().to(self._device)
         self._image = bundle.input_kind == "image"
 
     @property

@@ -118,8 +118,9 @@ def test_export_engine_builds_into_the_new_bundle(checkpoints, tmp_path):
 
 def test_refusals_are_one_sentence_and_leave_the_bundle_as_it_was(exported, sm_bundle, tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in sm_bundle.iterdir()}
+    res = runner.invoke(app, ["engine", str(sm_bundle), "--target", "gpu"])  # a usage error: exit 2
+    assert res.exit_code == 2 and "Invalid value for --target" in res.output and "Traceback" not in res.output
     cases = [
-        (["--target", "gpu"], "--target"),
         (["--target", "rtx", "--compute-capability", "90"], "compute capability 90"),
         (["--max", "64x100x7x7"], "dimension 1 must be 198"),
         (["--min", "8x198x7x7", "--max", "4x198x7x7"], "min <= opt <= max"),

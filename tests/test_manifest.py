@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hsiedge import manifest as mf
-from hsiedge.manifest import ManifestError, check_against_graph, check_semantics, parse_manifest
+from hsiedge.manifest import ManifestError, check_semantics, parse_manifest
+from hsiedge.manifest_graph import check_against_graph
 
 HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 EXPORTS = {  # bundle -> (checkpoint, export options)

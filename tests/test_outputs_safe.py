@@ -202,6 +202,28 @@ def test_a_real_full_disk(sm_bundle, scene, tmp_path, monkeypatch):
         subprocess.run(["umount", "--lazy", str(disk)], check=False)
 
 
+def test_train_and_export_never_write_over_their_inputs(datasets, tmp_path, monkeypatch):
+    import hsiedge.train
+    from hsiedge.export import bundle_export
+
+    monkeypatch.setattr(hsiedge.train, "train_model", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(bundle_export, "export_bundle", lambda *a, **k: pytest.fail("export started"))
+    jasper = datasets / "jasper_ridge"
+    scene = Path(shutil.copy(jasper / "JasperRidge2_R198.mat", tmp_path / "scene.mat"))
+    labels = Path(shutil.copy(jasper / "_EndJasperRidge2_R198.mat", tmp_path / "gt.mat"))
+    before = {p: sha256_file(p) for p in (scene, labels)}
+    for out in (scene, labels):
+        res = runner.invoke(app, ["train", "spectralmamba", "--scene", str(scene), "--labels", str(labels),
+                                  "-o", str(out)])
+        assert "would overwrite the" in _one_line(res)
+    assert "would overwrite the checkpoint" in _one_line(runner.invoke(app, ["export", str(scene), "-o",
+                                                                             str(scene)]))
+    (tmp_path / "notes").mkdir()
+    res = runner.invoke(app, ["export", str(scene), "-o", str(tmp_path / "notes")])
+    assert "not a bundle" in _one_line(res)
+    assert {p: sha256_file(p) for p in (scene, labels)} == before
+
+
 def test_train_checks_its_output_before_training(datasets, tmp_path, monkeypatch):
     import hsiedge.train
 

@@ -210,3 +210,11 @@ def test_heldout_file_is_read_without_pickle(sm_bundle, tmp_path):
     scene = Path(json.loads((b / MANIFEST).read_text())["heldout"]["scene"])
     res = runner.invoke(app, ["parity-check", str(b), "--scene", str(scene)])
     assert "heldout.npz" in _one_line(res) and not marker.exists()
+
+
+def test_a_manifest_that_names_another_model_than_its_checkpoint_is_refused(sm_bundle, tmp_path, scene_tif):
+    b = _copy(sm_bundle, tmp_path / "b")
+    _edit(b, lambda m: m["model"].update(name="mambahsi"))  # the map would be labelled with it
+    res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(b), "--runtime", "torch",
+                              "-o", str(tmp_path / "m.tif")])
+    assert "disagree on the model's name" in _one_line(res) and not (tmp_path / "m.tif").exists()

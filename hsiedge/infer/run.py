@@ -20,6 +20,7 @@ import numpy as np
 
 from hsiedge import __version__
 from hsiedge.bundle import Bundle, sha256_file
+from hsiedge.files import output_clash
 from hsiedge.infer.errors import InferError
 from hsiedge.infer.pipeline import run_pipeline
 from hsiedge.infer.policy import DEFAULT_BATCH, DEFAULT_MEMORY_MIB, Geometry
@@ -82,34 +83,6 @@ def scene_fingerprint(files: list[Path]) -> dict[str, str]:
     return {f.name: sha256_file(f) for f in files}
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def check_outputs(outputs: dict[str, Path], inputs: list[Path], bundle_dir: Path) -> None:
-    """Refuse an output that is one of the scene's files, lies in the bundle, or is another
-    output of the same run (`outputs`: what it is -> path)."""
-    seen: dict[Path, str] = {}
-    bundle_dir = bundle_dir.resolve()
-    for what, path in outputs.items():
-        for f in inputs:
-            if _same_file(path, f):
-                raise InferError(f"{path}: the {what} would overwrite the scene's file {f.name}; "
-                                 "choose another -o")
-        if bundle_dir in path.resolve().parents:
-            raise InferError(f"{path}: the {what} would be written inside the bundle {bundle_dir}; "
-                             "choose another -o")
-        key = path.resolve()
-        if key in seen:
-            raise InferError(f"{path}: given as both the {seen[key]} and the {what}; choose other names")
-        seen[key] = what
-
-
 def infer_scene(
     scene_path: str | Path,
     bundle: Bundle,
@@ -153,7 +126,9 @@ def infer_scene(
         outputs = {"class map": output, "class map's sidecar": output.with_name(output.name + ".aux.xml"),
                    **({"probabilities": probs_path} if probs_path else {}),
                    **({"quick look": Path(quicklook)} if quicklook is not None else {})}
-        check_outputs(outputs, files, bundle.path)
+        clash = output_clash(outputs, {f"the scene's file {f.name}": f for f in files}, keep_out=bundle.path)
+        if clash:
+            raise InferError(clash)
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:

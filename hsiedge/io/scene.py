@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from hsiedge.files import file_kind
+
 
 class SceneReadError(ValueError):
     """A scene or label file could not be read as asked; the message says why in one sentence."""
@@ -38,10 +40,6 @@ def one_line(error: BaseException | str) -> str:
 READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, MemoryError)
 
 
-_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
-
 def require_regular_file(path: Path, what: str) -> None:
     """Refuse `path` unless it is a regular file (links followed), before anything opens it: a
     FIFO would block the reader forever and a device never ends.  `what` names the file
@@ -55,8 +53,7 @@ def require_regular_file(path: Path, what: str) -> None:
     if stat.S_ISDIR(mode):
         raise SceneReadError(f"{path}: expected a {what}, found a directory")
     if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
-        raise SceneReadError(f"{path}: expected a {what} as a regular file, found {kind}")
+        raise SceneReadError(f"{path}: expected a {what} as a regular file, found {file_kind(mode)}")
 
 
 _KIND_WORDS = {"U": "text", "S": "bytes", "O": "Python objects", "V": "raw or record data", "M": "dates",
