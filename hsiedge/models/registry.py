@@ -118,10 +118,6 @@ def short_repr(value: Any) -> str:
     return text if 0 < len(text) <= 40 else f"a {type(value).__name__}"
 
 
-# Set by training from the data, never by hand.
-DATA_OPTIONS = ("in_channels", "num_classes")
-
-
 def parse_model_options(name: str, items: Iterable[str]) -> dict[str, Any]:
     """KEY=VALUE strings -> a config for `name`'s constructor (ints, floats, true/false, else strings).
 
