@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from hsiedge import __version__
+
+if TYPE_CHECKING:
+    from hsiedge.bundle import Bundle
 
 app = typer.Typer(
     name="hsiedge",
@@ -96,7 +99,7 @@ SIGN_OPTION = typer.Option(None, "--sign", help="Ed25519 private key to sign the
                            "(as `hsiedge sign` does).")
 
 
-def _open_bundle(path: Path, trusted_keys: list[Path] | None = None):
+def _open_bundle(path: Path, trusted_keys: list[Path] | None = None) -> Bundle:
     """The verified bundle at `path`, or one line and exit 1."""
     from hsiedge.bundle import BundleError, open_bundle
 
