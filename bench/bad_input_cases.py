@@ -188,14 +188,14 @@ def zip_entry(data: bytes, suffix: str, largest: bool = False) -> tuple[int, int
     return info.header_offset + 30 + name_len + extra_len, info.compress_size
 
 
-DEEP_PLACEHOLDER = "deep-nesting-goes-here"
+DEEP_MARKER = "deep-nesting-goes-here"
 
 
 def deep_pickle(path: Path, depth: int) -> Path:
-    """Replace the string DEEP_PLACEHOLDER in a torch.save file by a `depth`-deep nested list, written
+    """Replace the string DEEP_MARKER in a torch.save file by a `depth`-deep nested list, written
     as pickle opcodes (EMPTY_LIST `depth` times, then APPEND): pickling such a list would overflow
     the stack, unpickling it needs none."""
-    text = DEEP_PLACEHOLDER.encode()
+    text = DEEP_MARKER.encode()
     old = b"X" + struct.pack("<I", len(text)) + text  # BINUNICODE
     new = b"]" * depth + b"a" * (depth - 1)
     with zipfile.ZipFile(path) as z:
@@ -204,7 +204,7 @@ def deep_pickle(path: Path, depth: int) -> Path:
         for info, content in entries:
             if info.filename.endswith("data.pkl"):
                 if old not in content:
-                    raise SetupError("the placeholder is not in the checkpoint's pickle")
+                    raise SetupError("the marker is not in the checkpoint's pickle")
                 content = content.replace(old, new)
             z.writestr(info, content)
     return path
@@ -677,7 +677,7 @@ def checkpoint_cases(b: Base, rng: random.Random) -> list[Case]:
 
     def deep(d: Path) -> Path:
         obj = {k: v for k, v in real.items() if k != "checksum"}
-        torch.save({**obj, "metrics": DEEP_PLACEHOLDER}, d / "m.pt")
+        torch.save({**obj, "metrics": DEEP_MARKER}, d / "m.pt")
         return deep_pickle(d / "m.pt", 100_000)
 
     add("torch.save with a pickle payload", torch_payload)
@@ -1226,19 +1226,18 @@ def argument_cases(b: Base, rng: random.Random) -> list[Case]:
                        ("--memory", "-1"), ("--batch", "0"), ("--tile", "-5"), ("--tile", "0"),
                        ("--runtime", "cuda")):
         add(f"infer {opt} {value}", infer_opts(opt, value))
-    add("export --precision fp64", export_opts("--precision", "fp64"))
-    add("export --scan loop", export_opts("--scan", "loop"))
-    add("export --calib-method max", export_opts("--calib-method", "max"))
-    add("engine --target cpu", engine_opts("--target", "cpu"))
-    add("parity-check --runtime torch", parity_opts("--runtime", "torch"))
-    add("parity-check --min-agreement 1.5", parity_opts("--min-agreement", "1.5"))
-    add("parity-check --max-rel-l2 nan", parity_opts("--max-rel-l2", "nan"))
-    add("parity-check --max-delta-oa -1", parity_opts("--max-delta-oa", "-1"))
-    add("train --device tpu", train_opts("--device", "tpu"))
-    add("train --epochs 0", train_opts("--epochs", "0"))
-    add("train --protocol per-class:-5", train_opts("--protocol", "per-class:-5"))
-    add("train --protocol ratio:2", train_opts("--protocol", "ratio:2"))
-    add("train --option warp_drive=1", train_opts("--option", "warp_drive=1"))
+    for name, opts, opt, value in (
+            ("export", export_opts, "--precision", "fp64"), ("export", export_opts, "--scan", "loop"),
+            ("export", export_opts, "--calib-method", "max"), ("engine", engine_opts, "--target", "cpu"),
+            ("parity-check", parity_opts, "--runtime", "torch"),
+            ("parity-check", parity_opts, "--min-agreement", "1.5"),
+            ("parity-check", parity_opts, "--max-rel-l2", "nan"),
+            ("parity-check", parity_opts, "--max-delta-oa", "-1"),
+            ("train", train_opts, "--device", "tpu"), ("train", train_opts, "--epochs", "0"),
+            ("train", train_opts, "--protocol", "per-class:-5"),
+            ("train", train_opts, "--protocol", "ratio:2"),
+            ("train", train_opts, "--option", "warp_drive=1")):
+        add(f"{name} {opt} {value}", opts(opt, value))
     add("train --option d_model=1000000000", train_opts("--option", "d_model=1000000000"), isolate="crash")
     add("train --class-colours tree=#zzzzzz", train_opts("--class-colours", "tree=#zzzzzz"))
     add("train --class-names with 2 names for 4 classes", train_opts("--class-names", "a,b"))
