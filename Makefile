@@ -5,16 +5,16 @@ PY       := $(VENV)/bin/python
 TORCH    := torch==2.13.0
 STAMP    := $(VENV)/.hsiedge-installed
 
-.PHONY: setup test lint demo bench bench-accuracy bench-bad-inputs bench-export-memory bench-infer bench-gpu cuda-ext clean
+.PHONY: setup test lint demo bench bench-accuracy bench-bad-inputs bench-export-memory bench-infer bench-infer-many bench-gpu cuda-ext clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[dev,rtx]"
+	$(PY) -m pip install --quiet -e ".[dev,rtx,cluster]"
 	$(PY) -c "from hsiedge.ops import cpu; cpu.load(); print('selective-scan CPU kernel:', cpu.library_path())"
 	touch $@
 
-setup: $(STAMP)  ## create .venv, install torch 2.13 (CPU), hsiedge with its dev tools and TensorRT for RTX
+setup: $(STAMP)  ## create .venv, install torch 2.13 (CPU), hsiedge with its dev tools, TensorRT for RTX and Dask
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -30,6 +30,9 @@ bench: setup  ## benchmark tables (not tests): the op at both extremes (a few mi
 
 bench-infer: setup  ## streaming inference vs the straightforward loop, and peak memory on a 4 GB scene
 	$(PY) bench/infer.py
+
+bench-infer-many: setup  ## infer-many on a local Dask cluster: 1 vs 2 workers vs one process, 24 real scenes (~5 min)
+	$(PY) bench/infer_many.py --copies 4
 
 cuda-ext: setup  ## build the CUDA selective-scan kernel for this machine's GPU (the `cuda` backend)
 	$(PY) -m hsiedge.ops.cuda

@@ -65,7 +65,7 @@ class Runner(ABC):
 @dataclass(frozen=True)
 class RuntimeSpec:
     name: str
-    opener: Callable[[Bundle, str | None], Runner]
+    opener: Callable[[Bundle, str | None, int | None], Runner]  # (bundle, device, CPU threads)
     available: Callable[[Bundle], str | None]  # None when usable, else the reason it is not
     # lower is faster: the default runtime is the fastest available; a function of the bundle
     # where the order depends on it (precision)
@@ -102,10 +102,13 @@ def default_runtime(bundle: Bundle) -> str:
     raise RuntimeUnavailableError(f"{bundle.path}: no runtime can run this bundle here")
 
 
-def open_runner(bundle: Bundle, name: str | None = None, device: str | None = None) -> Runner:
-    """Open runtime `name` (default: the fastest available) on `bundle`."""
+def open_runner(bundle: Bundle, name: str | None = None, device: str | None = None,
+                threads: int | None = None) -> Runner:
+    """Open runtime `name` (default: the fastest available) on `bundle`; `threads` caps the CPU
+    threads it computes with (None: the runtime's default, every core), for a process that
+    shares the machine with others."""
     name = name or default_runtime(bundle)
     reason = why_unavailable(bundle, name)
     if reason is not None:
         raise RuntimeUnavailableError(reason)
-    return _RUNTIMES[name].opener(bundle, device)
+    return _RUNTIMES[name].opener(bundle, device, threads)

@@ -130,6 +130,8 @@ class OnnxRuntimeRunner(Runner):
         opts.enable_cpu_mem_arena = False
         if threads:
             opts.intra_op_num_threads = threads
+            if self._kernel:
+                ort_kernel.set_threads(threads)
         self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
 
     @property

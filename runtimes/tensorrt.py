@@ -50,7 +50,8 @@ def engine_target(bundle: Bundle) -> str | None:
 class TensorRTRunner(Runner):
     name = "tensorrt"
 
-    def __init__(self, bundle: Bundle, device: str | None = None) -> None:
+    def __init__(self, bundle: Bundle, device: str | None = None, threads: int | None = None) -> None:
+        """`threads` is accepted for the interface; the engine computes on the GPU."""
         super().__init__(bundle)
         from cuda.bindings import runtime as cudart
 

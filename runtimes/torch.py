@@ -15,8 +15,10 @@ from hsiedge.runtimes.base import Runner, RuntimeSpec, RuntimeUnavailableError, 
 class TorchRunner(Runner):
     name = "torch"
 
-    def __init__(self, bundle: Bundle, device: str | None = None) -> None:
+    def __init__(self, bundle: Bundle, device: str | None = None, threads: int | None = None) -> None:
         super().__init__(bundle)
+        if threads:  # process-wide in PyTorch; the CPU scan backend follows it too
+            torch.set_num_threads(threads)
         self._device = torch.device(device or "cpu")
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeUnavailableError("torch runtime on cuda asked for, but PyTorch sees no CUDA GPU")

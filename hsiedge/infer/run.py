@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from hsiedge.infer.staging import RunLock, Staging, remove_leftovers
 from hsiedge.io import Scene, SceneReadError, open_scene
 from hsiedge.io.writer import write_class_map, write_probabilities
 from hsiedge.memory import bound_heap, peak_rss_mib
+
+if TYPE_CHECKING:  # the runtimes package imports its runners (torch among them) when imported
+    from hsiedge.runtimes.base import Runner
 
 
 def _nm(wl: np.ndarray) -> np.ndarray:
@@ -99,11 +102,19 @@ def infer_scene(
     memory_mib: float | None = None,
     on_start: Callable[[int, int, int], None] | None = None,
     on_tile: Callable[[int], None] | None = None,
+    runner: Runner | None = None,
 ) -> dict[str, Any]:
-    """Classify a whole scene with `bundle`; return a summary (pixels, seconds, pixels/s, ...)."""
+    """Classify a whole scene with `bundle`; return a summary (pixels, seconds, pixels/s, ...).
+
+    `runner`: an open runner of `bundle` to use (and leave open), for a caller classifying many
+    scenes with one; by default the `runtime` is opened for this scene and closed after it."""
     from hsiedge.runtimes import RuntimeUnavailableError, default_runtime
 
     scene_path = Path(scene_path)
+    if runner is not None:
+        if runner.bundle is not bundle or (runtime is not None and runtime != runner.name):
+            raise ValueError(f"the {runner.name} runner given does not run this bundle's {runtime} runtime")
+        runtime = runner.name
     output = Path(output) if output is not None else default_output(scene_path)
     bound_heap()
     if batch < 1:
@@ -140,7 +151,7 @@ def infer_scene(
         with RunLock(output):
             remove_leftovers(list(outputs.values()))
             summary = _run_locked(scene, scene_path, files, bundle, output, probs_path, quicklook, geometry,
-                                  key, runtime, batch, resume, created, on_start, on_tile)
+                                  key, runtime, batch, resume, created, on_start, on_tile, runner)
     warnings = [] if scene.crs is not None else [
         f"{scene_path.name} has no georeferencing (no CRS), so neither has the map: its pixels have no "
         f"position on the ground"]
@@ -152,18 +163,20 @@ def _run_locked(scene: Scene, scene_path: Path, files: list[Path], bundle: Bundl
                 probs_path: Path | None, quicklook: str | Path | None, geometry: Geometry, key: str | None,
                 runtime: str, batch: int, resume: bool, created: str,
                 on_start: Callable[[int, int, int], None] | None,
-                on_tile: Callable[[int], None] | None) -> dict[str, Any]:
+                on_tile: Callable[[int], None] | None, runner: Runner | None) -> dict[str, Any]:
     """The run proper, under the output's lock: staging, pipeline, outputs."""
     from hsiedge.runtimes import RuntimeUnavailableError, open_runner
 
     tiles = geometry.tiles(scene.height, scene.width)
     num_classes = len(bundle.manifest["classes"])
+    owned = runner is None
     try:
-        runner = open_runner(bundle, runtime)
+        runner = open_runner(bundle, runtime) if owned else runner
     except RuntimeUnavailableError as e:
         raise InferError(str(e)) from None
     preprocessing = json.dumps(bundle.manifest["preprocessing"], sort_keys=True).encode()
-    header = {"scene": str(scene_path.resolve()), "scene_sha256": scene_fingerprint(files), "key": key,
+    fingerprint = scene_fingerprint(files)
+    header = {"scene": str(scene_path.resolve()), "scene_sha256": fingerprint, "key": key,
               "bundle_manifest_sha256": bundle.manifest_sha256,
               "preprocessing_sha256": hashlib.sha256(preprocessing).hexdigest(), "runtime": runner.name,
               "tiling": {"kind": geometry.kind, "core": geometry.core, "margin": geometry.margin,
@@ -174,7 +187,8 @@ def _run_locked(scene: Scene, scene_path: Path, files: list[Path], bundle: Bundl
         staging = Staging(output, header, (scene.height, scene.width), num_classes, probs_path is not None,
                           resume)
     except BaseException:
-        runner.close()
+        if owned:
+            runner.close()
         raise
     ran_on = {"runtime": runner.name, "device": runner.device, "precision": runner.precision}
     todo = [t for t in tiles if t.index not in staging.done]
@@ -184,9 +198,12 @@ def _run_locked(scene: Scene, scene_path: Path, files: list[Path], bundle: Bundl
     t0 = time.perf_counter()
     writing = output
     try:
-        with runner:
+        try:
             run_pipeline(scene, bundle.preprocessing, geometry, runner, todo, batch, staging,
                          probs_path is not None, on_tile)
+        finally:
+            if owned:
+                runner.close()
         compute_seconds = time.perf_counter() - t0
         staging.close()
         table = bundle.manifest["classes"]
@@ -218,6 +235,7 @@ def _run_locked(scene: Scene, scene_path: Path, files: list[Path], bundle: Bundl
     return {"output": str(output), "probs": None if probs_path is None else str(probs_path),
             "quicklook": None if quicklook is None else str(quicklook),
             "pixels": scene.height * scene.width, "scene": str(scene_path),
+            "scene_files_sha256": {str(f): fingerprint[f.name] for f in files},
             "pixels_this_run": done_pixels, "tiles": len(tiles), "tiles_resumed": len(tiles) - len(todo),
             "tile": geometry.core + 2 * geometry.margin if geometry.kind == "image" else geometry.core,
             "overlap": 2 * geometry.margin if geometry.kind == "image" else 0,

@@ -41,3 +41,9 @@ def library() -> Path:
     """The built library (built here on first use); raises `cpu.ScanBuildError` when it cannot be."""
     _LIBRARY.load()
     return library_path()
+
+
+def set_threads(n: int | None) -> None:
+    """Threads each scan of this process uses (None: one per online CPU).  The library ONNX
+    Runtime loaded is the one loaded here (same path, same handle), so open sessions follow."""
+    _LIBRARY.load().hsiedge_scan_ort_set_threads(int(n or 0))

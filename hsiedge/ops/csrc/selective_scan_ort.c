@@ -104,6 +104,13 @@ typedef struct {
     int threads;
 } Kernel;
 
+/* Threads per scan call, for every kernel of this process: 0 means one per online CPU.  A
+ * process that shares the CPU with others (a Dask worker beside its siblings) lowers it with
+ * hsiedge_scan_ort_set_threads; read at each call, so it also applies to open sessions. */
+static volatile int g_threads = 0;
+
+__attribute__((visibility("default"))) void hsiedge_scan_ort_set_threads(int n) { g_threads = n > 0 ? n : 0; }
+
 /* One input tensor: its float32 data and shape; `present` is 0 for an omitted optional input. */
 typedef struct {
     const float *data;
@@ -192,7 +199,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx)
     if ((st = GetTensorMutableData(api)(out, (void **)&y))) return st;
     int rc = hsiedge_selective_scan_f32(u->data, in[IN_DELTA].data, A->data, B->data, in[IN_C].data,
                                         in[IN_D].data, in[IN_Z].data, in[IN_DELTA_BIAS].data, y,
-                                        batch, dim, L, N, groups, k->softplus, k->threads);
+                                        batch, dim, L, N, groups, k->softplus,
+                                        g_threads > 0 ? g_threads : k->threads);
     if (rc == -2) return fail(api, ERR_FAIL, "SelectiveScan: %s", "out of memory or threads");
     if (rc != 0) return fail(api, ERR_INVALID_ARGUMENT, "SelectiveScan: %s", "bad sizes");
     return NULL;
