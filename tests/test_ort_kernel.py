@@ -126,3 +126,27 @@ def test_kernel_gives_empty_outputs_for_empty_inputs(batch, L):
     model = scan_graph({k: v.shape for k, v in arrays.items()}, {}, True, half=False)
     y = run_kernel(model, feeds_of(arrays, {}))
     assert y.shape == (batch, 8, L)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_thread_count_applies_to_open_sessions_and_keeps_the_results(threads):
+    """`set_threads` (what a runner given `threads` calls) changes who computes, not what: an
+    open session run at each thread count agrees with the float64 reference and, bit for bit,
+    with the default count, on work big enough to be split among threads."""
+    rng = np.random.default_rng(threads)
+    arrays = random_arrays(rng, 4, 96, 300, 16, 1, True)
+    present = {"z": True, "D": True, "delta_bias": True}
+    model = scan_graph({k: v.shape for k, v in arrays.items()}, present, True, half=False, static=True)
+    sess = kernel_session(model)
+    names = {i.name for i in sess.get_inputs()}
+    feeds = {k: v for k, v in feeds_of(arrays, present).items() if k in names}
+    try:
+        ort_kernel.set_threads(threads)
+        (y,) = sess.run(None, feeds)
+    finally:
+        ort_kernel.set_threads(None)
+    (y_all,) = sess.run(None, feeds)
+    ref = reference(arrays, present, True)
+    for out in (y, y_all):
+        assert np.abs(out.astype(np.float64) - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+    assert np.array_equal(y, y_all)  # every (batch, channel) sequence is computed alone, whoever runs it
