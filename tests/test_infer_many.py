@@ -31,7 +31,7 @@ SCENES = {"jasper": None,
           "urban-2": ("abu/abu-urban-2.mat", "data", 50, 50),
           "urban-4": ("abu/abu-urban-4.mat", "data", 37, 81)}
 SIZES = [(100, 100), (90, 90), (100, 64), (72, 100), (50, 50), (37, 81)]
-SLOW = ["--tile", "8", "--batch", "16"]  # many small tiles: a scene takes seconds, so it can be interrupted
+SLOW = ["--tile", "16", "--batch", "64"]  # many small tiles (up to 49 a scene), so a scene can be interrupted
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ recorded with its error and the others go on.  The run report is rewritten as sc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -146,6 +147,10 @@ def infer_many(scenes: list[Path], bundle: Bundle, out_dir: Path, *, scheduler: 
             if on_scene:
                 on_scene(entry)
         return report.write(finished=True)
+    except BaseException:  # Ctrl-C, a lost scheduler: keep every scene finished so far for --resume
+        with contextlib.suppress(OSError):
+            report.write()
+        raise
     finally:
         client.close()
         if cluster is not None:
