@@ -15,7 +15,8 @@ def test_wheel_contents(tmp_path: Path):
                     str(REPO)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("hsiedge-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for f in ("hsiedge/export/__init__.py", "hsiedge/runtimes/__init__.py", "hsiedge/cli.py",
+    for f in ("hsiedge/export/__init__.py", "hsiedge/runtimes/__init__.py", "hsiedge/cli/__init__.py",
+              "hsiedge/cli/__main__.py", "hsiedge/many/worker.py",
               "hsiedge/ops/csrc/selective_scan_cpu.c", "hsiedge/models/mambahsi.py"):
         assert f in names, f"{f} missing from the wheel"
 

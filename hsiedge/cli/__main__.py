@@ -1,0 +1,7 @@
+"""`python -m hsiedge.cli`: the `hsiedge` command."""
+
+import sys
+
+from hsiedge.cli import app
+
+sys.exit(app())
