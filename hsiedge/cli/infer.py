@@ -181,7 +181,7 @@ def infer_many(
 
     def scene_done(entry: dict[str, Any]) -> None:
         state["done"] += 1
-        state["pixels"] += entry.get("pixels") or 0 if entry["status"] == "done" else 0
+        state["pixels"] += (entry.get("pixels") or 0) if entry["status"] == "done" else 0
         state["failed"] += entry["status"] == "failed"
         progress.update(task, advance=1, pixels=f"{state['pixels']:,}", failed=state["failed"])
         if entry["status"] == "failed":
