@@ -478,13 +478,17 @@ def scene_cases(b: Base, rng: random.Random) -> list[Case]:
     add("MAT v5 complex cube", mat5(arrays=lambda: {"cube": crop.astype(np.complex64)}), isolate="crash")
     add("MAT v5 string array", mat5(arrays=lambda: {"cube": np.array(["abc"] * 8)}), isolate="crash")
 
+    def scene_named(name: str) -> Callable[[Callable[[Path], Any]], Callable[[Path], Run]]:
+        """Cases whose scene is the file `name`, written by `make`, run through infer."""
+        def case(make: Callable[[Path], Any]) -> Callable[[Path], Run]:
+            def prepare(d: Path) -> Run:
+                make(d / name)
+                return infer(b, d, d / name)
+            return prepare
+        return case
+
     # .npy
-    def npy(make: Callable[[Path], None]) -> Callable[[Path], Run]:
-        def prepare(d: Path) -> Run:
-            path = d / "scene.npy"
-            make(path)
-            return infer(b, d, path)
-        return prepare
+    npy = scene_named("scene.npy")
 
     add(".npy string dtype", npy(lambda p: np.save(p, np.full((SIDE, SIDE, 198), "ab"))))
     add(".npy structured dtype",
@@ -511,12 +515,7 @@ def scene_cases(b: Base, rng: random.Random) -> list[Case]:
         p, (100_000, 100_000, 198), b"\0" * 4096)))
 
     # GeoTIFF and special files
-    def tif(make: Callable[[Path], Any]) -> Callable[[Path], Run]:
-        def prepare(d: Path) -> Run:
-            path = d / "scene.tif"
-            make(path)
-            return infer(b, d, path)
-        return prepare
+    tif = scene_named("scene.tif")
 
     add("complex GeoTIFF", tif(lambda p: write_geotiff(p, crop.astype(np.complex64))))
     add("GeoTIFF with 100 bands (wrong band count)", tif(lambda p: write_geotiff(p, crop[:, :, :100])))

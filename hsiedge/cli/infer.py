@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -150,7 +149,7 @@ def infer_many(
 
     try:
         from hsiedge.many.catalogue import CatalogueError, expand_scenes
-        from hsiedge.many.report import ReportError
+        from hsiedge.many.report import REPORT_NAME, ReportError
         from hsiedge.many.run import ManyError
         from hsiedge.many.run import infer_many as run_many
     except ImportError as e:
@@ -164,7 +163,8 @@ def infer_many(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         fail(f"{out_dir}: cannot create the output folder ({e.strerror or e})")
-    writable(out_dir / "hsiedge-run.json", "the run report")
+    report_file = out_dir / REPORT_NAME
+    writable(report_file, "the run report")
     options = {"tile": tile, "overlap": overlap, "batch": DEFAULT_BATCH if batch is None else batch,
                "probs": probs, "memory_mib": memory, "key": key}
     progress = Progress(TextColumn("classifying scenes"), BarColumn(), MofNCompleteColumn(),
@@ -197,7 +197,7 @@ def infer_many(
         task = progress.add_task("many", total=len(scene_paths), pixels="0", failed=0)
         try:
             report = run_many(scene_paths, bundle, out_dir, scheduler=scheduler,
-                              workers=workers or min(4, len(os.sched_getaffinity(0))),
+                              workers=workers,
                               threads=threads, runtime=runtime, resume=resume, options=options,
                               quicklook=quicklook, trusted_keys=trusted_key, on_start=start,
                               on_scene=scene_done)
@@ -209,7 +209,7 @@ def infer_many(
     else:
         console.print(f"{t['done']} scenes classified, {t['skipped']} skipped (finished before), "
                       f"{t['failed']} failed: {t['pixels_classified']:,} pixels in {t['wall_seconds']:.1f} s "
-                      f"({t['pixels_per_second']:,} px/s); report {out_dir / 'hsiedge-run.json'}",
+                      f"({t['pixels_per_second']:,} px/s); report {report_file}",
                       highlight=False)
     warned = [e for e in report["scenes"] if e.get("warnings")]
     if warned:
@@ -217,5 +217,5 @@ def infer_many(
                           f"the first: {escape(warned[0]['warnings'][0])}", highlight=False, soft_wrap=True)
     if t["failed"]:
         first = next(e for e in report["scenes"] if e["status"] == "failed")
-        fail(f"{t['failed']} of {t['scenes']} scenes failed (see {out_dir / 'hsiedge-run.json'}); the first: "
+        fail(f"{t['failed']} of {t['scenes']} scenes failed (see {report_file}); the first: "
              f"{first['error']}")

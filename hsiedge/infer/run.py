@@ -8,6 +8,7 @@ when complete; only then is the staging deleted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -198,12 +199,9 @@ def _run_locked(scene: Scene, scene_path: Path, files: list[Path], bundle: Bundl
     t0 = time.perf_counter()
     writing = output
     try:
-        try:
+        with runner if owned else contextlib.nullcontext():  # a runner given stays open for the next scene
             run_pipeline(scene, bundle.preprocessing, geometry, runner, todo, batch, staging,
                          probs_path is not None, on_tile)
-        finally:
-            if owned:
-                runner.close()
         compute_seconds = time.perf_counter() - t0
         staging.close()
         table = bundle.manifest["classes"]

@@ -41,6 +41,11 @@ class ManyError(RuntimeError):
     """The run as a whole cannot start; the message says why in one sentence."""
 
 
+def default_workers() -> int:
+    """Local worker processes by default: one per core, at most 4 (memory grows with them)."""
+    return min(4, len(os.sched_getaffinity(0)))
+
+
 def local_threads(workers: int) -> int:
     """CPU threads for each of `workers` local worker processes: the cores shared out evenly."""
     return max(1, len(os.sched_getaffinity(0)) // workers)
@@ -86,8 +91,8 @@ def _client(scheduler: str | None, workers: int, threads: int, dashboard: bool) 
 
 
 def infer_many(scenes: list[Path], bundle: Bundle, out_dir: Path, *, scheduler: str | None = None,
-               workers: int = 2, threads: int | None = None, runtime: str | None = None, resume: bool = False,
-               options: dict[str, Any] | None = None, quicklook: bool = False,
+               workers: int | None = None, threads: int | None = None, runtime: str | None = None,
+               resume: bool = False, options: dict[str, Any] | None = None, quicklook: bool = False,
                trusted_keys: list[Path] | None = None, dashboard: bool = True,
                on_start: Callable[[str | None, int], None] | None = None,
                on_scene: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -97,6 +102,7 @@ def infer_many(scenes: list[Path], bundle: Bundle, out_dir: Path, *, scheduler: 
     from distributed import as_completed
 
     options = dict(options or {})
+    workers = workers or default_workers()
     out_dir = out_dir.absolute()
     scenes = [Path(s).absolute() for s in scenes]
     outputs = outputs_for(scenes, out_dir)
