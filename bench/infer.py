@@ -1,25 +1,30 @@
-"""Streaming inference: hsiedge's pipeline against the straightforward loop, and its memory.
+"""Streaming inference: `hsiedge infer` against the best loop a user would write, per model,
+runtime and precision; and its peak memory.
 
-For each model (trained briefly on the real 50 x 50 Pavia University crop and exported to a
-bundle, fp32, plugin scan) and each CPU runtime, prints:
+    python bench/infer.py [--rounds 3] [--workdir DIR] [--models ...] [--big-gb 0]
 
-- pixels/s of `hsiedge infer` on a Pavia-University-sized scene (610 x 340 x 103, uint16):
-  a mosaic of the real crop's 50 x 50 block, each copy flipped / rotated at random, written as
-  a georeferenced GeoTIFF.  Wall time of the whole call (open, read, infer, write), median of
-  `--runs` runs.
-- pixels/s of the loop a user would otherwise write: the whole scene read into memory,
-  preprocessed, each pixel's patch cut out with NumPy slicing and run through the PyTorch
-  model in eager mode with the sequential Python-loop scan (`reference` backend), one pixel
-  per call and, as a stronger baseline, `--naive-batch` pixels per call.  The loop is timed
-  on the first pixels of the scene (it is slow) and its rate applied to all of them.
-  MambaHSI is an image model: its loop is the whole scene in one eager forward pass.
-- the ratio of the two, measured in the same run;
-- peak resident memory (VmHWM) of `hsiedge infer` in a subprocess on a scene of at least
-  `--big-gb` GB on disk (the same mosaic, larger).  `--big-seconds` stops a run early (for the
-  slow models) and reports how many tiles it had finished: memory is bounded by the tile
-  size and queue depth, so it is flat after the first tiles.
+Each model (trained briefly on the real 50 x 50 Pavia University crop, then exported fp32, fp16
+and int8, plugin scan, the crop as int8 calibration) classifies a mosaic of the crop's
+randomly flipped / rotated copies, written as a georeferenced uint16 GeoTIFF: 610 x 340 x 103
+(Pavia University's size) for MambaHSI and SpectralMamba, 160 x 160 for the slower MD2F-Mamba.
 
-A benchmark, not a test: it prints tables, it asserts nothing.  The weights are barely
+- **hsiedge**: `hsiedge infer --json` in its own process, pixels over the compute seconds
+  its summary reports, for torch fp32 and ONNX Runtime fp32 / fp16 / int8, and for the fp32
+  bundle's default runtime (no --runtime), which is the ratio's numerator.
+- **the best hand loop**: in its own process, the scene read whole with rasterio and
+  preprocessed by the bundle's chain, patches cut with NumPy's sliding-window view, hsiedge's
+  own model run eagerly under `torch.inference_mode` with the fast CPU scan, at batch 256 and
+  1024 (the better one counts).  Its time covers reading, preprocessing and the loop.
+  MambaHSI is an image model: its loop is the whole scene in one forward pass.
+- The labels of both are compared: patch models must give identical labels; MambaHSI's tiles
+  are compared with the whole-scene loop, and the agreement printed beside the ratio.
+- Rounds are interleaved (every configuration once per round) and medians reported, with the
+  load average at the start and end of each round.
+- `hsiedge bench --json` (runners only, no reading or writing) for each bundle, same batch.
+- With `--big-gb`, the peak resident memory (VmHWM) of `hsiedge infer` on a scene of that
+  size (the same mosaic, larger); `--big-seconds` stops each run early.
+
+A benchmark, not a test: it prints tables and asserts nothing.  The weights are barely
 trained (speed does not depend on them).
 """
 
@@ -50,8 +55,13 @@ PAVIA = REPO.parent / "shared" / "datasets" / "pavia_university" / "paviaU_subim
 CRS = "EPSG:32632"  # UTM 32N, where Pavia is
 TRANSFORM = from_origin(510000.0, 5010000.0, 1.3, 1.3)  # ROSIS: 1.3 m pixels
 MODELS = ("mambahsi", "spectralmamba", "md2f-mamba")
-RUNTIMES = ("torch", "onnxruntime")
-console = Console(width=160)
+SCENES = {"mambahsi": (610, 340), "spectralmamba": (610, 340), "md2f-mamba": (160, 160)}
+PRECISIONS = ("fp32", "fp16", "int8")
+# (runtime, precision) configurations of `hsiedge infer`; None: the bundle's default runtime
+CONFIGS = ((None, "fp32"), ("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16"),
+           ("onnxruntime", "int8"))
+LOOP_BATCHES = (256, 1024)
+console = Console(width=170)
 
 
 def crop() -> np.ndarray:
@@ -83,92 +93,115 @@ def write_mosaic(path: Path, rows: int, cols: int, block: np.ndarray, seed: int 
     return path
 
 
-def hsiedge(*args: str) -> None:
+def hsiedge(*args: str) -> str:
     res = subprocess.run([sys.executable, "-m", "hsiedge.cli", *args], capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"hsiedge {' '.join(args)} failed:\n{res.stderr}{res.stdout}")
+    return res.stdout
 
 
-def make_bundles(work: Path, models: list[str], epochs: int) -> dict[str, Path]:
-    """Train each model on the crop (labels: k-means clusters of its spectra) and export it."""
+def make_bundles(work: Path, models: list[str], epochs: int,
+                 precisions: tuple[str, ...] = PRECISIONS) -> dict[tuple[str, str], Path]:
+    """Train each model on the crop (labels: k-means clusters of its spectra) and export it at
+    each precision (int8 calibrated on the crop); what the work folder already has is kept."""
     from scipy.cluster.vq import kmeans2
 
     cube = crop()
     scene = work / "pavia_crop.tif"
-    with rasterio.open(scene, "w", driver="GTiff", height=50, width=50, count=103, dtype="uint16", crs=CRS,
-                       transform=TRANSFORM, interleave="pixel") as dst:
-        dst.write(cube.transpose(2, 0, 1))
-    x = cube.reshape(-1, 103).astype(np.float64)
-    _, labels = kmeans2((x - x.mean(0)) / x.std(0), 6, seed=0, minit="++")
-    np.save(work / "pavia_crop_labels.npy", (labels + 1).reshape(50, 50).astype(np.uint8))
+    if not scene.exists():
+        with rasterio.open(scene, "w", driver="GTiff", height=50, width=50, count=103, dtype="uint16",
+                           crs=CRS, transform=TRANSFORM, interleave="pixel") as dst:
+            dst.write(cube.transpose(2, 0, 1))
+    labels = work / "pavia_crop_labels.npy"
+    if not labels.exists():
+        x = cube.reshape(-1, 103).astype(np.float64)
+        _, ids = kmeans2((x - x.mean(0)) / x.std(0), 6, seed=0, minit="++")
+        np.save(labels, (ids + 1).reshape(50, 50).astype(np.uint8))
     bundles = {}
     for m in models:
-        t0 = time.perf_counter()
         ckpt = work / f"{m}.pt"
-        hsiedge("train", m, "--scene", str(scene), "--labels", str(work / "pavia_crop_labels.npy"),
-                "--protocol", "per-class:10", "--epochs", str(epochs), "-o", str(ckpt))
-        hsiedge("export", str(ckpt), "-o", str(work / f"{m}.bundle"), "--force")
-        bundles[m] = work / f"{m}.bundle"
-        console.print(f"trained and exported {m} in {time.perf_counter() - t0:.0f} s")
+        if not ckpt.exists():
+            hsiedge("train", m, "--scene", str(scene), "--labels", str(labels), "--protocol", "per-class:10",
+                    "--epochs", str(epochs), "-o", str(ckpt))
+        for prec in precisions:
+            out = work / f"{m}-{prec}.bundle"
+            if not (out / "manifest.json").exists():
+                t0 = time.perf_counter()
+                hsiedge("export", str(ckpt), "-o", str(out), "--precision", prec, "--calib", str(scene),
+                        "--force")
+                console.print(f"exported {m} {prec} in {time.perf_counter() - t0:.0f} s")
+            bundles[m, prec] = out
     return bundles
 
 
-def hsiedge_pixels_per_second(scene: Path, bundle_path: Path, runtime: str, runs: int) -> tuple[float, int]:
-    """`hsiedge infer` as a user runs it (its own process, so its heap settings start clean):
-    pixels over the seconds its summary reports (reading, inference and writing the map)."""
-    rates, pixels = [], 0
-    with tempfile.TemporaryDirectory() as out:
-        for i in range(runs):
-            res = subprocess.run([sys.executable, "-m", "hsiedge.cli", "infer", str(scene), "--bundle",
-                                  str(bundle_path), "-o", str(Path(out) / f"map{i}.tif"), "--runtime",
-                                  runtime, "--json"], capture_output=True, text=True)
-            if res.returncode != 0:
-                raise SystemExit(f"hsiedge infer failed:\n{res.stderr}{res.stdout}")
-            s = json.loads(res.stdout)
-            rates.append(s["pixels"] / s["seconds"])
-            pixels = s["pixels"]
-    return statistics.median(rates), pixels
+def infer_run(scene: Path, bundle: Path, runtime: str | None, out: Path) -> dict:
+    """`hsiedge infer --json` in its own process (its heap settings start clean): its summary."""
+    args = ["infer", str(scene), "--bundle", str(bundle), "-o", str(out), "--json"]
+    summary = json.loads(hsiedge(*args, *(["--runtime", runtime] if runtime else [])))
+    with rasterio.open(out) as src:
+        classes = src.read(1)
+    for f in out.parent.glob(f"{out.name}*"):
+        f.unlink()
+    return {"px_s": summary["pixels"] / summary["seconds"], "runtime": summary["runtime"],
+            "peak_mib": summary["peak_memory_mib"], "classes": classes}
 
 
-def naive_pixels_per_second(scene: Path, bundle_path: Path, n_pixels: int, batch: int) -> tuple[float, int]:
-    """The straightforward loop: eager PyTorch, per-pixel patches, the Python-loop scan.
-
-    Reading and preprocessing the whole scene is timed once; the per-pixel loop is timed on
-    the first `n_pixels` pixels and its rate applied to the whole scene (it is slow), so the
-    figure is pixels / (read + preprocess + loop time for every pixel).
-    """
+def loop_child(scene: str, bundle_path: str, batch: int, labels_out: str) -> None:
+    """The best hand loop (run in its own process by `loop_run`): prints its pixels/s."""
     from hsiedge.bundle import open_bundle
     from hsiedge.checkpoint import load_checkpoint
     from hsiedge.ops import scan_backend
 
     bundle = open_bundle(bundle_path)
     model = load_checkpoint(bundle.artifact("checkpoint")).build().eval()
-    t0 = time.perf_counter()
-    with rasterio.open(scene) as src:
-        cube = src.read().transpose(1, 2, 0)
-    x, _ = bundle.preprocessing.apply(cube, None)
-    h, w, _ = x.shape
-    with scan_backend("reference"), torch.inference_mode():
-        if bundle.input_kind == "image":  # an image model: the whole scene in one forward pass
+    with scan_backend("cpu"), torch.inference_mode():
+        t0 = time.perf_counter()
+        with rasterio.open(scene) as src:
+            cube = src.read().transpose(1, 2, 0)
+        x, _ = bundle.preprocessing.apply(cube, None)
+        h, w, _ = x.shape
+        if bundle.input_kind == "image":  # the whole scene in one forward pass
             t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
             t = torch.nn.functional.pad(t[None], (0, -w % 4, 0, -h % 4), mode="reflect")
-            model.full_resolution_logits(t).argmax(1)
-            return h * w / (time.perf_counter() - t0), h * w
-        fixed = time.perf_counter() - t0
-        p = bundle.patch_size
-        r = p // 2
-        padded = np.pad(x, ((r, r), (r, r), (0, 0)), mode="reflect") if p else x
-        n = min(n_pixels, h * w)
-        t1 = time.perf_counter()
-        for i in range(0, n, batch):
-            idx = range(i, min(i + batch, n))
+            labels = model.full_resolution_logits(t)[0, :, :h, :w].argmax(0).numpy()
+        else:
+            p = bundle.patch_size
+            r = p // 2
+            chw = np.ascontiguousarray(x.transpose(2, 0, 1))
             if p:
-                xb = np.stack([padded[j // w:j // w + p, j % w:j % w + p].transpose(2, 0, 1) for j in idx])
+                padded = np.pad(chw, ((0, 0), (r, r), (r, r)), mode="reflect")
+                view = np.lib.stride_tricks.sliding_window_view(padded, (p, p), axis=(1, 2))
+                view = view.transpose(1, 2, 0, 3, 4)  # (h, w, bands, p, p)
             else:
-                xb = np.stack([x[j // w, j % w] for j in idx])
-            model(torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32))).argmax(1)
-        per_pixel = (time.perf_counter() - t1) / n
-    return h * w / (fixed + per_pixel * h * w), n
+                view = chw.transpose(1, 2, 0)
+            rows, cols = np.divmod(np.arange(h * w), w)
+            labels = np.empty(h * w, dtype=np.int64)
+            for i in range(0, h * w, batch):
+                xb = np.ascontiguousarray(view[rows[i:i + batch], cols[i:i + batch]])
+                labels[i:i + batch] = model(torch.from_numpy(xb)).argmax(1).numpy()
+            labels = labels.reshape(h, w)
+        seconds = time.perf_counter() - t0
+    np.save(labels_out, (labels + 1).astype(np.uint8))
+    print(json.dumps({"px_s": h * w / seconds, "threads": torch.get_num_threads()}))
+
+
+def loop_run(scene: Path, bundle: Path, batch: int, work: Path) -> dict:
+    out = work / f"loop-{bundle.name}-{batch}.npy"
+    cmd = [sys.executable, __file__, "--loop-child", str(scene), str(bundle), str(batch), str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"the loop on {bundle.name} failed:\n{res.stderr}")
+    return {**json.loads(res.stdout.strip().splitlines()[-1]), "classes": np.load(out)}
+
+
+def bench_runners(bundle: Path, scene: Path, seconds: float) -> list[dict]:
+    """`hsiedge bench --json` on the bundle, input cut from the scene."""
+    return json.loads(hsiedge("bench", str(bundle), "--scene", str(scene), "--seconds", str(seconds),
+                              "--json"))["results"]
+
+
+def load() -> str:
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def peak_rss(scene: Path, bundle: Path, runtime: str, limit_s: float, work: Path) -> tuple[float, str, float]:
@@ -208,63 +241,120 @@ def peak_rss(scene: Path, bundle: Path, runtime: str, limit_s: float, work: Path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
-    ap.add_argument("--runtimes", nargs="*", default=list(RUNTIMES))
-    ap.add_argument("--runs", type=int, default=3, help="runs per hsiedge measurement (median)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--naive-pixels", type=int, default=4096)
-    ap.add_argument("--naive-batch", type=int, default=256)
-    ap.add_argument("--big-gb", type=float, default=4.0, help="size of the memory-test scene (0: skip)")
+    ap.add_argument("--bench-seconds", type=float, default=5.0,
+                    help="timed seconds per `hsiedge bench` runtime")
+    ap.add_argument("--big-gb", type=float, default=0.0, help="size of the memory-test scene (0: skip)")
     ap.add_argument("--big-seconds", type=float, default=0.0,
                     help="stop each memory run after this many seconds (0: run the whole scene)")
-    ap.add_argument("--workdir", type=Path, default=None, help="keep scenes and bundles here")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep scenes and bundles here (reused)")
+    ap.add_argument("--loop-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.loop_child:
+        scene, bundle, batch, out = args.loop_child
+        loop_child(scene, bundle, int(batch), out)
+        return
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="hsiedge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    console.print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                  f"{torch.get_num_threads()} threads; work folder {work}")
+    console.print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} "
+                  f"threads); work folder {work}; load average {load()}")
     bundles = make_bundles(work, args.models, args.epochs)
-    scene = write_mosaic(work / "pavia_sized.tif", 610, 340, crop())
+    scenes = {}
+    for m in args.models:
+        rows, cols = SCENES[m]
+        path = work / f"pavia_mosaic_{rows}x{cols}.tif"
+        scenes[m] = path if path.exists() else write_mosaic(path, rows, cols, crop())
 
-    speed = Table(title="hsiedge infer vs the straightforward loop: Pavia-sized scene 610 x 340 x 103 "
-                        "uint16, CPU (pixels/s)")
-    for col in ("model", "runtime", "hsiedge px/s", "loop, 1 px/call", "ratio",
-                f"loop, {args.naive_batch} px/call", "ratio"):
-        speed.add_column(col, justify="left" if col in ("model", "runtime") else "right")
-    loops = {}
+    ours: dict[tuple, list[dict]] = {}
+    loops: dict[tuple, list[dict]] = {}
+    loads = []
+    for rnd in range(args.rounds):
+        before = load()
+        for m in args.models:
+            for batch in (0,) if m == "mambahsi" else LOOP_BATCHES:
+                loops.setdefault((m, batch), []).append(loop_run(scenes[m], bundles[m, "fp32"], batch, work))
+            for runtime, prec in CONFIGS:
+                r = infer_run(scenes[m], bundles[m, prec], runtime, work / f"map-{m}.tif")
+                ours.setdefault((m, runtime, prec), []).append(r)
+            said = [f"{b or 'whole'}: {loops[m, b][-1]['px_s']:,.0f}"
+                    for b in ((0,) if m == "mambahsi" else LOOP_BATCHES)]
+            said_ours = [f"{rt or 'default'} {p}: {ours[m, rt, p][-1]['px_s']:,.0f}" for rt, p in CONFIGS]
+            console.print(f"round {rnd + 1}, {m}: loop {', '.join(said)}; "
+                          f"hsiedge {', '.join(said_ours)} px/s")
+        loads.append(f"{before} -> {load()}")
+        console.print(f"round {rnd + 1}: load average {loads[-1]}")
+
+    def med(runs: list[dict]) -> float:
+        return statistics.median(r["px_s"] for r in runs)
+
+    speed = Table(title=f"`hsiedge infer` px/s per model, runtime and precision (medians of {args.rounds} "
+                        f"interleaved rounds); {os.cpu_count()} CPUs")
+    for col in ("model (scene)", "torch fp32", "ORT fp32", "ORT fp16", "ORT int8", "int8 / fp32 (ORT)",
+                "fp16 / fp32 (ORT)", "default runtime (fp32)"):
+        speed.add_column(col, justify="left" if col.startswith("model") else "right")
     for m in args.models:
-        one, _ = naive_pixels_per_second(scene, bundles[m], args.naive_pixels // 8, 1)
-        many = one if m == "mambahsi" else naive_pixels_per_second(scene, bundles[m], args.naive_pixels,
-                                                                    args.naive_batch)[0]
-        loops[m] = one, many
+        v = {(rt, p): med(ours[m, rt, p]) for rt, p in CONFIGS}
+        default = ours[m, None, "fp32"][0]["runtime"]
+        speed.add_row(f"{m} ({SCENES[m][0]} x {SCENES[m][1]})", f"{v['torch', 'fp32']:,.0f}",
+                      f"{v['onnxruntime', 'fp32']:,.0f}", f"{v['onnxruntime', 'fp16']:,.0f}",
+                      f"{v['onnxruntime', 'int8']:,.0f}",
+                      f"{v['onnxruntime', 'int8'] / v['onnxruntime', 'fp32']:.2f}x",
+                      f"{v['onnxruntime', 'fp16'] / v['onnxruntime', 'fp32']:.2f}x", default)
+
+    ratio = Table(title="`hsiedge infer` (fp32 bundle, default runtime) against the best hand loop, "
+                        "same scene")
+    for col in ("model", "default runtime", "hsiedge px/s", "loop px/s (batch)", "ratio",
+                "same labels as loop", "other batch's loop px/s"):
+        ratio.add_column(col, justify="left" if col in ("model", "default runtime") else "right")
     for m in args.models:
-        one, many = loops[m]
-        for rt in args.runtimes:
-            ours, _ = hsiedge_pixels_per_second(scene, bundles[m], rt, args.runs)
-            speed.add_row(m, rt, f"{ours:,.0f}", f"{one:,.0f}", f"{ours / one:.1f}x", f"{many:,.0f}",
-                          f"{ours / many:.1f}x")
-            console.print(f"{m} {rt}: {ours:,.0f} px/s; loop {one:,.0f} px/s (1 px/call), "
-                          f"{many:,.0f} px/s ({args.naive_batch} px/call)")
+        batches = (0,) if m == "mambahsi" else LOOP_BATCHES
+        best = max(batches, key=lambda b: med(loops[m, b]))
+        default_runs = ours[m, None, "fp32"]
+        same = float(np.mean(default_runs[-1]["classes"] == loops[m, best][-1]["classes"]))
+        what = "whole scene" if best == 0 else str(best)
+        note = "(tiling agreement)" if m == "mambahsi" else ""
+        others = [f"{med(loops[m, b]):,.0f} ({b})" for b in batches if b != best]
+        ratio.add_row(m, default_runs[0]["runtime"], f"{med(default_runs):,.0f}",
+                      f"{med(loops[m, best]):,.0f} ({what})",
+                      f"{med(default_runs) / med(loops[m, best]):.2f}x",
+                      f"{100 * same:.3f} % {note}", ", ".join(others) or "-")
+
+    runners = Table(title=f"`hsiedge bench` (runners only, input from the scene's middle, "
+                          f"{args.bench_seconds:g} s each): px/s")
+    for col in ("model", "precision", "input", "torch", "onnxruntime", "ORT latency ms median / p99"):
+        runners.add_column(col, justify="left" if col in ("model", "precision", "input") else "right")
+    bench_load = load()
+    for m in args.models:
+        for prec in PRECISIONS:
+            res = {r["runtime"]: r for r in bench_runners(bundles[m, prec], scenes[m], args.bench_seconds)}
+            ort = res.get("onnxruntime")
+            runners.add_row(m, prec, "tile 128" if m == "mambahsi" else "batch 128",
+                            f"{res['torch']['pixels_per_second']:,.0f}" if "torch" in res else "-",
+                            f"{ort['pixels_per_second']:,.0f}" if ort else "-",
+                            f"{ort['latency_ms']['median']:.1f} / {ort['latency_ms']['p99']:.1f}"
+                            if ort else "-")
     console.print(speed)
+    console.print(ratio)
+    console.print(runners)
+    console.print("load average (1/5/15 min) per round: " + "; ".join(loads) + f"; before the runner table: "
+                  f"{bench_load}, after: {load()}")
 
     if args.big_gb > 0:
         side = int(np.ceil(np.sqrt(args.big_gb * 1e9 / (103 * 2))))
         big = work / "big.tif"
-        t0 = time.perf_counter()
         if not big.exists():
             write_mosaic(big, side, side, crop(), seed=1)
         gb = big.stat().st_size / 1e9
-        console.print(f"memory-test scene {side} x {side} x 103 uint16, {gb:.2f} GB on disk "
-                      f"(written in {time.perf_counter() - t0:.0f} s)")
         mem = Table(title=f"peak resident memory of `hsiedge infer` on a {gb:.2f} GB scene "
                           f"({side} x {side} x 103)")
         for col in ("model", "runtime", "peak RSS MiB", "tiles done", "seconds"):
             mem.add_column(col, justify="left" if col in ("model", "runtime") else "right")
         for m in args.models:
-            for rt in args.runtimes:
-                rss, done, secs = peak_rss(big, bundles[m], rt, args.big_seconds, work)
+            for rt in ("torch", "onnxruntime"):
+                rss, done, secs = peak_rss(big, bundles[m, "fp32"], rt, args.big_seconds, work)
                 mem.add_row(m, rt, f"{rss:,.0f}", done, f"{secs:.0f}")
-                console.print(f"{m} {rt}: peak {rss:,.0f} MiB, tiles {done}, {secs:.0f} s")
         console.print(mem)
 
 

@@ -82,12 +82,33 @@ def release_free_heap(bound: int = FREE_HEAP_BOUND) -> bool:
     return True
 
 
-def peak_rss_mib() -> float | None:
-    """This process's peak resident memory so far (Linux), for summaries and benchmarks."""
+def _status_mib(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux) in MiB; None elsewhere."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far (Linux), for summaries and benchmarks."""
+    return _status_mib("VmHWM")
+
+
+def rss_mib() -> float | None:
+    """This process's resident memory now (Linux)."""
+    return _status_mib("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident memory to its current size (Linux 4.0+, writing 5 to
+    /proc/self/clear_refs), so the next `peak_rss_mib` covers only what ran since; False where
+    that cannot be done (the peak then covers the whole process)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False

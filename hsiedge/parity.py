@@ -161,6 +161,33 @@ def polygraphy_stats(reference: np.ndarray, candidate: np.ndarray) -> dict[str, 
             "median_abs_error": res.median_absdiff, "max_rel_error": res.max_reldiff}
 
 
+# The logit error bound is this quantile of the pixels' largest logit error.  Not the maximum:
+# a pixel whose margin exceeds twice the maximum error cannot flip, so confident flips would be
+# zero by construction and say nothing.
+ERROR_BOUND_QUANTILE = 0.99
+
+
+def flip_figures(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
+    """Label flips split by how sure the original was, for two (n_pixels, K) logit arrays.
+
+    The measured error bound e is the ERROR_BOUND_QUANTILE quantile of each pixel's largest
+    |logit error|.  A flip needs the two logits' errors to close the original's top-1/top-2
+    margin, so a pixel is a near-tie when its margin is at most 2e: a flip there is what an
+    error of the usual size does.  A confident pixel's margin exceeds 2e, and a flip there
+    means an error well beyond the usual on that pixel: the figure whose goal is 0."""
+    n, k = reference.shape
+    if n == 0 or k < 2:
+        return {"error_bound": 0.0, "confident_pixels": n, "flips_near_tie": 0, "flips_confident": 0}
+    top2 = np.sort(reference, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    bound = float(np.quantile(np.abs(candidate - reference).max(axis=1), ERROR_BOUND_QUANTILE))
+    confident = margin > 2 * bound
+    flipped = reference.argmax(1) != candidate.argmax(1)
+    return {"error_bound": bound, "confident_pixels": int(confident.sum()),
+            "flips_near_tie": int((flipped & ~confident).sum()),
+            "flips_confident": int((flipped & confident).sum())}
+
+
 def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None,
             thresholds: dict[str, float]) -> tuple[dict[str, Any], list[Check]]:
     """Figures and threshold checks for two (n_pixels, K) logit arrays."""
@@ -178,6 +205,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
         "min_pixel_cosine": float(per_pixel_cos.min()) if per_pixel_cos.size else 1.0,
         "agreement": float((pred_ref == pred_cand).mean()),
         "labels_differ": int((pred_ref != pred_cand).sum()),
+        **flip_figures(ref64, cand64),
     }
     if labels is not None and (labels >= 0).any():
         k = reference.shape[1]

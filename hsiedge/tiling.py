@@ -17,7 +17,21 @@ def gather_patches(padded: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
     """Neighbourhoods of the given pixels: (bands, H + 2r, W + 2r) padded image -> (n, bands, p, p).
 
     `rows`, `cols` are pixel coordinates in the unpadded image (r = patch_size // 2).
+
+    On the CPU the patches are taken in one copy from NumPy's window view of the image, whose
+    (row, col) axes index the windows: a 128-patch batch of 103-band 7 x 7 patches costs about
+    a tenth of gathering every (band, i, j) element with index tensors (bench/gather.py).
     """
+    if padded.device.type == "cpu" and not padded.requires_grad:
+        windows = np.lib.stride_tricks.sliding_window_view(padded.numpy(), (patch_size, patch_size),
+                                                           axis=(1, 2))  # (bands, H, W, p, p), a view
+        return torch.from_numpy(windows.transpose(1, 2, 0, 3, 4)[rows.numpy(), cols.numpy()])
+    return gather_patches_indexed(padded, rows, cols, patch_size)
+
+
+def gather_patches_indexed(padded: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                           patch_size: int) -> torch.Tensor:
+    """`gather_patches` by index tensors, on any device and differentiable."""
     offsets = torch.arange(patch_size, device=padded.device)
     r_idx = (rows.to(padded.device)[:, None] + offsets)[:, :, None]  # (n, p, 1)
     c_idx = (cols.to(padded.device)[:, None] + offsets)[:, None, :]  # (n, 1, p)

@@ -40,9 +40,11 @@ def _parity_table(report: dict, title: str) -> Table:
     orig = report["original"]
     t = Table(title=title, caption=f"original: torch on {orig['device']}; "
               + "; ".join(f"{r['runtime']}: {r['artifact']} on {r['device']}"
-                          + (f" ({r['notes']})" if r["notes"] else "") for r in report["results"]))
+                          + (f" ({r['notes']})" if r["notes"] else "") for r in report["results"])
+              + "; confident flips: changed labels where the original's top-1/top-2 margin exceeds twice "
+                "the logit error 99 % of pixels stay within")
     for col in ("runtime", "prec.", "max |Δ|", "mean |Δ|", "rel L2", "cosine", "agree", "differ",
-                "OA orig→art", "ΔOA pt", "verdict"):
+                "confident flips", "OA orig→art", "ΔOA pt", "verdict"):
         t.add_column(col, justify="left" if col in ("runtime", "verdict") else "right")
     for r in report["results"]:
         f = r["figures"]
@@ -50,9 +52,17 @@ def _parity_table(report: dict, title: str) -> Table:
         oa = "-" if d_oa is None else f"{100 * f['oa_original']:.2f}→{100 * f['oa_artifact']:.2f}"
         t.add_row(r["runtime"], r["precision"], _sci(f["max_abs_error"]), _sci(f["mean_abs_error"]),
                   _sci(f["rel_l2"]), f"{f['cosine']:.6f}", _pct(f["agreement"]),
-                  f"{f['labels_differ']}/{f['pixels']}", oa, "-" if d_oa is None else f"{100 * d_oa:+.2f}",
+                  f"{f['labels_differ']}/{f['pixels']}", _confident_flips(f), oa,
+                  "-" if d_oa is None else f"{100 * d_oa:+.2f}",
                   "[green]pass[/green]" if r["passed"] else "[red]FAIL[/red]")
     return t
+
+
+def _confident_flips(figures: dict) -> str:
+    """Flips on confident pixels over their count ("-" for reports from before the figure)."""
+    if "flips_confident" not in figures:
+        return "-"
+    return f"{figures['flips_confident']}/{figures['confident_pixels']}"
 
 
 def _tiling_table(report: dict) -> Table:
