@@ -49,7 +49,7 @@ CHUNK = 64  # T: time steps per chunk (bench/scan_forms.py)
 FORMS = ("chunked", "per-step")  # per-step: one ONNX Scan over all L steps (earlier versions; for comparison)
 _TAG = "/portable/"
 _F = TensorProto.FLOAT
-_ROLES_T = ("u", "delta", "B", "C", "z")  # the inputs typed like u
+ROLES_TYPED_LIKE_U = ("u", "delta", "B", "C", "z")  # the inputs typed like u
 _ZERO = helper.make_tensor("zero", _F, [1], [0.0])
 
 
@@ -84,7 +84,7 @@ class ScanSpec:
                 f"_{opts or 'none'}_sp{v(None if self.softplus is None else int(self.softplus))}")
 
 
-GENERIC = ScanSpec(None, None, None, None, (None,) * len(_ROLES_T),
+GENERIC = ScanSpec(None, None, None, None, (None,) * len(ROLES_TYPED_LIKE_U),
                    frozenset(scan_node.OPTIONAL_INPUTS), None)
 
 
@@ -114,7 +114,7 @@ def node_spec(node: onnx.NodeProto, shapes: dict[str, tuple[int, list]]) -> Scan
     u_dims = shapes.get(io["u"], (None, None))[1]
     ranks = {3: 0, 4: _static(b_dims, 1)}
     groups = ranks.get(len(b_dims)) if b_dims is not None else None  # None: unknown
-    types = tuple((shapes.get(io[r], (None,))[0] or None) if io[r] else None for r in _ROLES_T)
+    types = tuple((shapes.get(io[r], (None,))[0] or None) if io[r] else None for r in ROLES_TYPED_LIKE_U)
     return ScanSpec(dim=_static(a_dims, 0), N=_static(a_dims, 1), groups=groups, length=_static(u_dims, 2),
                     types=types, present=frozenset(r for r in scan_node.OPTIONAL_INPUTS if io[r]),
                     softplus=scan_node.delta_softplus(node))
@@ -201,7 +201,7 @@ def _f32(b: Builder, name: str, elem: int | None) -> str:
 def emit(b: Builder, io: dict[str, str], spec: ScanSpec, out: str, chunk: int = CHUNK,
           form: str = "chunked") -> None:
     """Nodes computing Contract 1 from the tensors named in `io` into `out`."""
-    t = dict(zip(_ROLES_T, spec.types, strict=True))
+    t = dict(zip(ROLES_TYPED_LIKE_U, spec.types, strict=True))
     u, dt = _f32(b, io["u"], t["u"]), _f32(b, io["delta"], t["delta"])
     last = b.ints([-1])
     if "delta_bias" in spec.present:

@@ -66,6 +66,38 @@ def small_transposes_as_einsum(model: onnx.ModelProto) -> int:
     return count
 
 
+def half_scans_in_float(model: onnx.ModelProto) -> int:
+    """Rewrite (in place) each float16 SelectiveScan node to take float32 inputs and give a
+    float32 output, cast from and back to float16 around it; return how many.
+
+    Contract 1 accumulates in float32 whatever the input type, so the float32 kernel computes
+    the float16 node's own result (rounded to half on the way out, as the node's output is).
+    Without this, a float16 graph's scans run as the portable body in ONNX Runtime."""
+    shapes = portable.tensor_shapes(model)
+    count = 0
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    for node in nodes:
+        is_scan = node.op_type == scan_node.OP_TYPE and node.domain == scan_node.DOMAIN
+        types = portable.node_spec(node, shapes).types if is_scan else ()
+        if onnx.TensorProto.FLOAT16 not in types:
+            model.graph.node.append(node)
+            continue
+        half = {role for role, t in zip(portable.ROLES_TYPED_LIKE_U, types, strict=True)
+                if t == onnx.TensorProto.FLOAT16}
+        for i, name in enumerate(node.input):
+            if name and scan_node.INPUTS[i] in half:
+                cast = f"{node.name or 'scan'}_{scan_node.INPUTS[i]}_as_float"
+                model.graph.node.append(helper.make_node("Cast", [name], [cast], to=onnx.TensorProto.FLOAT))
+                node.input[i] = cast
+        y = node.output[0]
+        node.output[0] = f"{y}_float"
+        model.graph.node.append(node)
+        model.graph.node.append(helper.make_node("Cast", [node.output[0]], [y], to=onnx.TensorProto.FLOAT16))
+        count += 1
+    return count
+
+
 def kernel_unusable(model: onnx.ModelProto) -> str | None:
     """None when hsiedge's CPU kernel can run every SelectiveScan node of `model` in this ONNX
     Runtime, else why not (a float16 scan, ONNX Runtime older than 1.16, no C compiler)."""
@@ -87,6 +119,7 @@ def runs_scan_kernel(bundle: Bundle) -> bool:
     """Whether a CPU session of `bundle` runs its scans on hsiedge's kernel: a plugin-mode
     graph the kernel can run (portable-scan bundles carry the decomposition itself)."""
     model = onnx.load(str(bundle.artifact("onnx")))
+    half_scans_in_float(model)  # as the runner does
     return any(True for _ in scan_node.scan_nodes(model)) and kernel_unusable(model) is None
 
 
@@ -106,6 +139,15 @@ class OnnxRuntimeRunner(Runner):
         first = providers[0] if isinstance(providers[0], str) else providers[0][0]
         by_onnxruntime = self._plugin_graph and first != "TensorrtExecutionProvider"
         self._kernel = by_onnxruntime and first == "CPUExecutionProvider" and scan_kernel
+        self.half_scans = 0
+        if self._kernel:
+            as_float = onnx.ModelProto()
+            as_float.CopyFrom(model)
+            self.half_scans = half_scans_in_float(as_float)
+            if self.half_scans and kernel_unusable(as_float) is None:
+                model = as_float
+            else:
+                self.half_scans = 0
         self.kernel_missing = kernel_unusable(model) if self._kernel else None
         self._kernel = self._kernel and self.kernel_missing is None
         self._substituted = by_onnxruntime and not self._kernel and not scan_functions.runs_as_is(model)
@@ -159,7 +201,8 @@ class OnnxRuntimeRunner(Runner):
     @property
     def notes(self) -> str:
         if self._kernel:
-            return "SelectiveScan run by hsiedge's CPU kernel (ONNX Runtime custom operator)"
+            half = ", float16 inputs cast to float32" if self.half_scans else ""
+            return f"SelectiveScan run by hsiedge's CPU kernel (ONNX Runtime custom operator{half})"
         why = f" ({self.kernel_missing})" if self.kernel_missing else ""
         if self._substituted:
             return "SelectiveScan run as its portable decomposition" + why

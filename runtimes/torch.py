@@ -69,10 +69,18 @@ def _available(bundle: Bundle) -> str | None:
 
 
 def _speed_rank(bundle: Bundle) -> int:
-    """Ahead of ONNX Runtime for fp32 bundles (on CPU it was faster for all three seed models:
-    README, "Streaming inference"); behind it for fp16 / int8 bundles, whose reduced precision
-    this runtime does not run."""
-    return 1 if bundle.precision == "fp32" else 3
+    """Behind ONNX Runtime where its session runs the bundle's scans on hsiedge's CPU kernel: it
+    was then as fast as torch or faster for all three seed models (README, "Speed on the CPU"),
+    and it runs fp16 / int8 bundles at their precision, which this runtime does not.  Ahead of
+    it otherwise (portable-scan bundles, no C compiler), where ONNX Runtime runs the scans as
+    their portable decomposition."""
+    try:
+        from hsiedge.runtimes.onnxruntime import runs_scan_kernel
+    except ImportError:  # an install without ONNX Runtime
+        return 1
+    if bundle.precision != "fp32" or (bundle.has("onnx") and runs_scan_kernel(bundle)):
+        return 3
+    return 1
 
 
 register_runtime(RuntimeSpec("torch", TorchRunner, _available, speed_rank=_speed_rank))

@@ -97,15 +97,40 @@ def test_runner_uses_the_kernel_for_plugin_bundles_and_agrees_with_the_function_
     assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(b).max())
 
 
-def test_runner_keeps_the_function_body_where_the_kernel_cannot_run(exported):
+@pytest.mark.parametrize("groups", [0, 2])
+def test_half_scans_run_on_the_kernel_through_casts(groups):
+    """A float16 node, rewritten to cast its inputs to float32 and its output back, against
+    the float64 reference on the same half-rounded inputs."""
+    from hsiedge.runtimes.onnxruntime import half_scans_in_float, kernel_unusable
+
+    arrays = random_arrays(np.random.default_rng(11 + groups), 3, 16, 9, 8, groups, True)
+    model = scan_graph({k: v.shape for k, v in arrays.items()}, {}, True, half=True)
+    assert "not float32" in kernel_unusable(model)
+    assert half_scans_in_float(model) == 1 and kernel_unusable(model) is None
+    feeds = feeds_of(arrays, {}, half=True)
+    y = run_kernel(model, feeds)
+    ref = reference({k: v.astype(np.float64) for k, v in feeds.items()}, {}, True)
+    assert y.dtype == np.float16 and y.shape == ref.shape
+    # float32 accumulation, then one rounding to half
+    assert np.abs(y.astype(np.float64) - ref).max() <= 2e-3 * max(1.0, np.abs(ref).max())
+
+
+def test_runner_runs_half_bundles_on_the_kernel_and_agrees_with_the_body(exported):
     from hsiedge.runtimes.onnxruntime import OnnxRuntimeRunner, kernel_unusable, runs_scan_kernel
 
     half, _ = exported("spectralmamba", "plugin", "fp16")
-    model = onnx.load(str(open_bundle(half).artifact("onnx")))
+    bundle = open_bundle(half)
+    model = onnx.load(str(bundle.artifact("onnx")))
     assert any(True for _ in scan_node.scan_nodes(model))
     assert "not float32" in kernel_unusable(model)
-    runner = OnnxRuntimeRunner(open_bundle(half), "cpu")
-    assert "function" in runner.notes and "not float32" in runner.notes
+    assert runs_scan_kernel(bundle)
+    runner = OnnxRuntimeRunner(bundle, "cpu")
+    body = OnnxRuntimeRunner(bundle, "cpu", scan_kernel=False)
+    assert "cast to float32" in runner.notes and runner.half_scans == 1
+    assert "function" in body.notes
+    x = np.random.default_rng(2).standard_normal((64, bundle.preprocessing.out_bands, 7, 7), dtype=np.float32)
+    a, b = runner.run(x), body.run(x)
+    assert np.abs(a - b).max() <= 1e-2 * max(1.0, np.abs(b).max())
     portable_bundle, _ = exported("spectralmamba", "portable", "fp32")
     assert not runs_scan_kernel(open_bundle(portable_bundle))
 
