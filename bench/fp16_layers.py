@@ -2,8 +2,9 @@
 
 Exports a checkpoint to ONNX (fp32) and converts it with `hsiedge.export.precision.to_fp16`
 exactly as `hsiedge export --precision fp16` does; both graphs get their SelectiveScan nodes
-replaced by the portable decomposition (what ONNX Runtime's CPU runs for a float16 scan
-anyway: the C kernel is float32-only) and run on the checkpoint's held-out scene, with the
+replaced by the portable decomposition (float32 inside, as the C kernel that ONNX Runtime's
+CPU runner casts float16 scans to; its inner tensors can then be exposed) and run on the
+checkpoint's held-out scene, with the
 outputs of the nodes of the un-decomposed graph exposed as graph outputs.  A float16 tensor is
 compared with the float32 tensor of the same name (a cast the converter inserted is compared
 with the tensor it casts), both in float64.

@@ -3,7 +3,8 @@
 Execution providers: TensorRT and CUDA when this onnxruntime build has them, CPU always.
 ONNX Runtime has no kernel of its own for the `SelectiveScan` node of plugin-mode graphs.  On
 the CPU, hsiedge's C kernel is registered as a custom operator (`hsiedge.ops.ort_kernel`) and
-runs every float32 scan node.  Otherwise bundles carry the node as a model-local function whose
+runs every scan node (float16 ones through casts to float32 and back, `half_scans_in_float`).
+Otherwise bundles carry the node as a model-local function whose
 body is its portable decomposition, which ONNX Runtime inlines, so the graph runs as it is;
 older bundles without that function have the node replaced, when the session is created, by the
 same decomposition.  The TensorRT provider runs the node through the hsiedge plugin library

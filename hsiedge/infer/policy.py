@@ -41,7 +41,7 @@ DEFAULT_BATCH = 128
 # GDAL block cache comes on top.  ONNX Runtime with hsiedge's scan kernel costs about what
 # torch does (peaks of 517 / 793 / 964 MiB at tiles 64 / 128 / 192 on the 610 x 340 mosaic of
 # bench/infer.py, torch 504 / 728 / 1005); where its scans run as the portable body instead
-# ("onnxruntime-portable": portable-scan bundles, float16 scans, no C compiler) it
+# ("onnxruntime-portable": portable-scan bundles, no C compiler) it
 # materialises (dim, L, N) tensors.
 # Other runtimes keep activations on the GPU: the torch figures are used.
 IMAGE_MEMORY = {"torch": (400, 22_000), "onnxruntime": (440, 22_000), "onnxruntime-portable": (480, 52_000)}

@@ -8,8 +8,8 @@ domain, and the nodes bind to it instead of their function bodies.
 
 It is compiled on first use with the system C compiler, like the `cpu` backend, from the
 kernel's source and a small C glue file that declares the part of ONNX Runtime's stable C ABI
-it needs (ONNX Runtime's wheels carry no headers).  float32 scans only; ONNX Runtime 1.16 or
-later.  No torch import: runtimes without torch use it too.
+it needs (ONNX Runtime's wheels carry no headers).  float32 scans (the runner casts float16
+ones to it); ONNX Runtime 1.16 or later.  No torch import: runtimes without torch use it too.
 """
 
 from __future__ import annotations
