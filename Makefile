@@ -28,7 +28,7 @@ demo: setup  ## every seed model on a real scene (Jasper Ridge) from ../shared/d
 bench: setup  ## benchmark tables (not tests): the op at both extremes (a few minutes)
 	$(PY) bench/scan_cpu.py
 
-bench-infer: setup  ## streaming inference vs the straightforward loop, and peak memory on a 4 GB scene
+bench-infer: setup  ## hsiedge infer vs the best hand loop, per model, runtime and precision (~30 min; --big-gb 4.4 adds peak memory)
 	$(PY) bench/infer.py
 
 bench-infer-many: setup  ## infer-many on a local Dask cluster: 1 vs 2 workers vs one process, 24 real scenes (~5 min)
