@@ -51,9 +51,6 @@ from hsiedge.export import scan_functions, scan_node
 
 CALIBRATION_METHODS = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
-# Ops between quantized layers that are quantized too, so that a chain of layers runs in int8
-# end to end (ONNX Runtime runs them on int8 data or as QLinear kernels).
-CARRIED_OPS: tuple[str, ...] = ()
 PERCENTILE = 99.999
 
 
@@ -160,7 +157,7 @@ def quantize_int8(model: onnx.ModelProto, samples: np.ndarray, batch: int = 256,
                 quantize_static(
                     str(src), str(dst), _Batches(samples, batch), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                    op_types_to_quantize=[*QUANTIZED_OPS, *CARRIED_OPS],
+                    op_types_to_quantize=list(QUANTIZED_OPS),
                     calibrate_method=CALIBRATION_METHODS[method],
                     nodes_to_exclude=boundary_layers(model), extra_options=extra)
         finally:
@@ -262,7 +259,7 @@ def _unquantize(model: onnx.ModelProto, scan_tensors: set[str]) -> None:
         for i, t in enumerate(n.input):
             if t not in source:
                 continue
-            floats = n.op_type not in CARRIED_OPS and not conv_output_chain(source[t], t)
+            floats = not conv_output_chain(source[t], t)
             if source[t] in scan_tensors or floats:
                 n.input[i] = source[t]
     _drop_dead(graph, {id(n) for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")})

@@ -46,6 +46,7 @@ def bench(
     """Measure each runtime on one input, trtexec-style: warm-up, then pixels/s, latency
     percentiles per call and peak memory. The runners only: no reading or writing."""
     from hsiedge.benchmark import BenchInputError, bench_input, bench_runtime
+    from hsiedge.infer.errors import InferError
     from hsiedge.io import SceneReadError
     from hsiedge.runtimes import RuntimeUnavailableError, runtime_names, why_unavailable
 
@@ -57,13 +58,7 @@ def bench(
             fail(f"runtime {r} cannot run here: {reason}")
     try:
         x = bench_input(bundle, batch, tile, scene, key)
-    except (BenchInputError, SceneReadError) as e:
-        fail(str(e))
-    except Exception as e:  # check_scene's band / wavelength mismatch
-        from hsiedge.infer import InferError
-
-        if not isinstance(e, InferError):
-            raise
+    except (BenchInputError, SceneReadError, InferError) as e:  # InferError: the scene's bands
         fail(str(e))
     results = []
     for r in names:
