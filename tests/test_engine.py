@@ -190,7 +190,8 @@ def test_tensorrt_runner_refuses_where_it_cannot_run(sm_bundle):
     bundle = open_bundle(sm_bundle)
     reason = why_unavailable(bundle, "tensorrt")
     assert reason is not None and ("cuda-python" in reason or "GPU" in reason)  # no GPU on this machine
-    assert default_runtime(bundle) == "onnxruntime"  # a plugin-mode bundle: its scans on the CPU kernel
+    # an fp32 portable-scan bundle: ONNX Runtime would run its scans as the portable body
+    assert bundle.manifest["scan"] == "portable" and default_runtime(bundle) == "torch"
 
 
 def test_unversioned_rtx_library_link(tmp_path, monkeypatch):
