@@ -69,9 +69,10 @@ def _available(bundle: Bundle) -> str | None:
 
 
 def _speed_rank(bundle: Bundle) -> int:
-    """Behind ONNX Runtime where its session runs the bundle's scans on hsiedge's CPU kernel: it
-    was then as fast as torch or faster for all three seed models (README, "Speed on the CPU"),
-    and it runs fp16 / int8 bundles at their precision, which this runtime does not.  Ahead of
+    """Behind ONNX Runtime where its session runs the bundle's scans on hsiedge's CPU kernel: in
+    `hsiedge infer` it was then faster for MambaHSI and MD2F-Mamba and level for SpectralMamba
+    (README, "Speed on the CPU"), and it runs fp16 / int8 bundles at their precision, which this
+    runtime does not.  Ahead of
     it otherwise (portable-scan bundles, no C compiler), where ONNX Runtime runs the scans as
     their portable decomposition."""
     try:
