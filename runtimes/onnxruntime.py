@@ -13,6 +13,7 @@ instead, when it is given one (`HSIEDGE_TRT_PLUGINS`, or `trt_extra_plugin_lib_p
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -118,8 +119,15 @@ def kernel_unusable(model: onnx.ModelProto) -> str | None:
 
 def runs_scan_kernel(bundle: Bundle) -> bool:
     """Whether a CPU session of `bundle` runs its scans on hsiedge's kernel: a plugin-mode
-    graph the kernel can run (portable-scan bundles carry the decomposition itself)."""
-    model = onnx.load(str(bundle.artifact("onnx")))
+    graph the kernel can run (portable-scan bundles carry the decomposition itself).  Asked
+    for the default runtime and the memory budget of every run: answered once per graph."""
+    onnx_entry = bundle.manifest["artifacts"]["onnx"]
+    return _graph_runs_scan_kernel(str(bundle.artifact("onnx")), onnx_entry["sha256"])
+
+
+@functools.lru_cache(maxsize=16)
+def _graph_runs_scan_kernel(path: str, sha256: str) -> bool:
+    model = onnx.load(path)
     half_scans_in_float(model)  # as the runner does
     return any(True for _ in scan_node.scan_nodes(model)) and kernel_unusable(model) is None
 
@@ -140,16 +148,14 @@ class OnnxRuntimeRunner(Runner):
         first = providers[0] if isinstance(providers[0], str) else providers[0][0]
         by_onnxruntime = self._plugin_graph and first != "TensorrtExecutionProvider"
         self._kernel = by_onnxruntime and first == "CPUExecutionProvider" and scan_kernel
-        self.half_scans = 0
-        if self._kernel:
+        self.half_scans, self.kernel_missing = 0, None
+        if self._kernel:  # the graph the kernel would run: float16 scans cast to float32
             as_float = onnx.ModelProto()
             as_float.CopyFrom(model)
-            self.half_scans = half_scans_in_float(as_float)
-            if self.half_scans and kernel_unusable(as_float) is None:
-                model = as_float
-            else:
-                self.half_scans = 0
-        self.kernel_missing = kernel_unusable(model) if self._kernel else None
+            half = half_scans_in_float(as_float)
+            self.kernel_missing = kernel_unusable(as_float)
+            if self.kernel_missing is None:
+                model, self.half_scans = as_float, half
         self._kernel = self._kernel and self.kernel_missing is None
         self._substituted = by_onnxruntime and not self._kernel and not scan_functions.runs_as_is(model)
         self._as_function = by_onnxruntime and not self._kernel and not self._substituted
