@@ -160,8 +160,8 @@ def measure(runner: Runner, x: BenchInput, seconds: float = DEFAULT_SECONDS, war
     ms = np.array(latencies) * 1e3
     latency = {"min": float(ms.min()), "mean": float(ms.mean()), "median": statistics.median(ms.tolist()),
                **{f"p{p}": float(np.percentile(ms, p)) for p in PERCENTILES}}
-    return BenchResult(runner.name, runner.device, runner.precision, runner.notes, round(open_seconds, 3),
-                       warm_calls, len(latencies), round(total, 3), x.pixels * len(latencies) / total,
+    return BenchResult(runner.name, runner.device, runner.precision, runner.notes, round(open_seconds, 6),
+                       warm_calls, len(latencies), round(total, 6), x.pixels * len(latencies) / total,
                        {k: round(v, 3) for k, v in latency.items()}, rss_before, peak_rss_mib())
 
 
