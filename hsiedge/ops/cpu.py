@@ -2,7 +2,8 @@
 
 No maintained library offers a CPU selective scan (mamba-ssm ships CUDA kernels only and a
 slow reference), so hsiedge compiles its own small C kernel on first use with the system C
-compiler, tuned for the host (`-march=native`), and caches the shared library under
+compiler, tuned for the host (`-march=native`; `-mcpu=native` first on Arm, where it also sets
+the tuning and where clang before 15 knows only that form), and caches the shared library under
 `$HSIEDGE_CACHE_DIR` (default `~/.cache/hsiedge`).  It is called through `ctypes` on NumPy
 or torch buffers, so the same kernel also serves runtimes that do not import torch.
 """
@@ -25,6 +26,9 @@ from hsiedge.ops.native import NativeLibrary
 
 SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.c"
 _COMPILE_FLAGS = ["-O3", "-ffast-math", "-fPIC", "-std=c11", "-Wall"]
+# Host-tuning flags, tried in order until the compiler takes one; the portable build otherwise.
+_NATIVE_FLAGS = (("-mcpu=native",), ("-march=native",)) \
+    if platform.machine().lower() in ("aarch64", "arm64") else (("-march=native",), ("-mcpu=native",))
 
 
 class ScanBuildError(RuntimeError):
@@ -43,6 +47,7 @@ def host_key(sources: Sequence[Path]) -> str:
     for src in sources:
         h.update(src.read_bytes())
     h.update(" ".join(_COMPILE_FLAGS).encode())
+    h.update(repr(_NATIVE_FLAGS).encode())
     h.update(os.environ.get("CC", "cc").encode())
     h.update(platform.machine().encode())
     try:
@@ -64,8 +69,7 @@ def compile_library(sources: Sequence[Path], target: Path) -> None:
         objs, lib = [Path(tmp) / f"{src.stem}.o" for src in sources], Path(tmp) / target.name
         for src, obj in zip(sources, objs, strict=True):
             last = ""
-            # -march=native where the compiler knows it; the portable build otherwise.
-            for arch in (["-march=native"], []):
+            for arch in (*_NATIVE_FLAGS, ()):
                 r = subprocess.run([cc, *_COMPILE_FLAGS, *arch, "-c", str(src), "-o", str(obj)],
                                    capture_output=True, text=True)
                 if r.returncode == 0:

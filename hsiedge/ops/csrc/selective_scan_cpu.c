@@ -18,10 +18,12 @@
  * The inner loop over N has no loop-carried dependency, so the compiler
  * vectorises it, expf included (glibc libmvec, enabled by -ffast-math at
  * compile time; the library is linked without it so the process's floating-
- * point mode is left alone).  The softplus of delta and the silu gate are
- * computed for the whole block and tile at once, in fixed chunks of CHUNK
- * values: short sequences (MambaHSI's spectral tokens, L = 4) would
- * otherwise make them scalar calls, and fixed chunks give every value the
+ * point mode is left alone).  glibc has a vector expf for aarch64 only from
+ * 2.38, so with an older one (Jetson's Ubuntu 22.04 has 2.35) the loops that
+ * call expf stay scalar there (correct, only slower).  The softplus of delta
+ * and the silu gate are computed for the whole block and tile at once, in
+ * fixed chunks of CHUNK values: short sequences (MambaHSI's spectral tokens,
+ * L = 4) would otherwise make them scalar calls, and fixed chunks give every value the
  * same vector path wherever it sits, so results do not depend on how the
  * work is split among threads.
  *
