@@ -41,7 +41,7 @@ from hsiedge.export import onnx_model, portable
 from hsiedge.export.bundle_export import held_out_data
 from hsiedge.export.precision import to_fp16
 from hsiedge.parity import flip_figures, parity_data, pixel_logits
-from hsiedge.tiling import image_logits
+from hsiedge.tensor_inputs import image_logits
 
 FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16)
 MOVES = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split", "Concat", "Identity",

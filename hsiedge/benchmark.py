@@ -98,22 +98,19 @@ def bench_input(bundle: Bundle, batch: int | None = None, tile: int | None = Non
         source = "standard-normal values"
     else:
         image, source = _scene_window(bundle, Path(scene), key, side)
-    import torch
-
-    t = torch.from_numpy(image)
     if image_model:
-        x = image_batch(t)
+        x = image_batch(image)
         return BenchInput(x, x.shape[2] * x.shape[3], source)
-    x = _pixel_batch(t, bundle.input_kind, bundle.patch_size)[:batch]
+    x = _pixel_batch(image, bundle.input_kind, bundle.patch_size)[:batch]
     return BenchInput(x, x.shape[0], source)
 
 
-def _pixel_batch(image: Any, kind: str, patch_size: int) -> np.ndarray:
+def _pixel_batch(image: np.ndarray, kind: str, patch_size: int) -> np.ndarray:
     """Every pixel's patch (or spectrum) of a small preprocessed image (C, h, w)."""
     from hsiedge.tiling import PixelInputs
 
     _, h, w = image.shape
-    return PixelInputs(image, kind, patch_size)(np.arange(h * w)).numpy()
+    return PixelInputs(image, kind, patch_size)(np.arange(h * w))
 
 
 def _scene_window(bundle: Bundle, scene: Path, key: str | None, side: int) -> tuple[np.ndarray, str]:

@@ -23,7 +23,8 @@ from hsiedge.io import read_cube
 from hsiedge.models import build_model, count_parameters
 from hsiedge.ops import available_backends
 from hsiedge.preprocess import PCA, Chain, Standardize
-from hsiedge.tiling import image_logits, pixel_patches
+from hsiedge.tensor_inputs import image_logits
+from hsiedge.tiling import pixel_patches
 
 DEFAULT_SCENE = (Path(__file__).resolve().parents[2] / "shared" / "datasets" / "jasper_ridge"
                  / "JasperRidge2_R198.mat")
@@ -61,7 +62,8 @@ def run(scene: Path) -> Table:
             if patch is None:
                 logits = image_logits(model, x[0]).permute(1, 2, 0).reshape(-1, n_cls)
             else:
-                logits = _batched(model, pixel_patches(x, patch), 128)  # cache-sized batches
+                patches = torch.from_numpy(pixel_patches(x.numpy(), patch))
+                logits = _batched(model, patches, 128)  # cache-sized batches
         dt = time.perf_counter() - t0
         labels = logits.argmax(1).numpy()
         hist = np.bincount(labels, minlength=n_cls)

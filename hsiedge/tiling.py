@@ -1,4 +1,5 @@
-"""Cutting scenes into the pieces a model consumes."""
+"""Cutting scenes into the pieces a model consumes (NumPy arrays; no PyTorch, so bundles run
+without it: the torch side for training is `hsiedge.tensor_inputs`)."""
 
 from __future__ import annotations
 
@@ -6,39 +7,32 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from hsiedge.io.scene import Window
 
 
-def gather_patches(padded: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                   patch_size: int) -> torch.Tensor:
+def gather_patches(padded: np.ndarray, rows: np.ndarray, cols: np.ndarray, patch_size: int) -> np.ndarray:
     """Neighbourhoods of the given pixels: (bands, H + 2r, W + 2r) padded image -> (n, bands, p, p).
 
-    `rows`, `cols` are pixel coordinates in the unpadded image (r = patch_size // 2).
-
-    On the CPU the patches are taken in one copy from NumPy's window view of the image, whose
-    (row, col) axes index the windows: a 128-patch batch of 103-band 7 x 7 patches costs about
-    a tenth of gathering every (band, i, j) element with index tensors (bench/gather.py).
+    `rows`, `cols` are pixel coordinates in the unpadded image (r = patch_size // 2).  The
+    patches are taken in one copy from NumPy's window view of the image, whose (row, col) axes
+    index the windows: a 128-patch batch of 103-band 7 x 7 patches costs about a tenth of
+    gathering every (band, i, j) element with index tensors (bench/gather.py).
     """
-    if padded.device.type == "cpu" and not padded.requires_grad:
-        windows = np.lib.stride_tricks.sliding_window_view(padded.numpy(), (patch_size, patch_size),
-                                                           axis=(1, 2))  # (bands, H, W, p, p), a view
-        return torch.from_numpy(windows.transpose(1, 2, 0, 3, 4)[rows.numpy(), cols.numpy()])
-    return gather_patches_indexed(padded, rows, cols, patch_size)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (patch_size, patch_size),
+                                                       axis=(1, 2))  # (bands, H, W, p, p), a view
+    return np.ascontiguousarray(windows.transpose(1, 2, 0, 3, 4)[rows, cols])
 
 
-def gather_patches_indexed(padded: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                           patch_size: int) -> torch.Tensor:
-    """`gather_patches` by index tensors, on any device and differentiable."""
-    offsets = torch.arange(patch_size, device=padded.device)
-    r_idx = (rows.to(padded.device)[:, None] + offsets)[:, :, None]  # (n, p, 1)
-    c_idx = (cols.to(padded.device)[:, None] + offsets)[:, None, :]  # (n, 1, p)
-    return padded[:, r_idx, c_idx].permute(1, 0, 2, 3).contiguous()
+def reflect_pad(image: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+    """(C, H, W) -> (C, top + H + bottom, left + W + right), mirrored about the edge pixels
+    (which are not repeated), as patch-based HSI classifiers are trained."""
+    if not (top or bottom or left or right):
+        return image
+    return np.pad(image, ((0, 0), (top, bottom), (left, right)), mode="reflect")
 
 
-def pixel_patches(image: torch.Tensor, patch_size: int) -> torch.Tensor:
+def pixel_patches(image: np.ndarray, patch_size: int) -> np.ndarray:
     """Every pixel's neighbourhood: (bands, H, W) -> (H*W, bands, p, p), raster order.
 
     Scene edges are reflect-padded, as patch-based HSI classifiers are trained.
@@ -47,10 +41,14 @@ def pixel_patches(image: torch.Tensor, patch_size: int) -> torch.Tensor:
         raise ValueError(f"patch_size must be odd, got {patch_size}")
     _, h, w = image.shape
     r = patch_size // 2
-    padded = F.pad(image[None], (r, r, r, r), mode="reflect")[0]
-    rows = torch.arange(h).repeat_interleave(w)
-    cols = torch.arange(w).repeat(h)
-    return gather_patches(padded, rows, cols, patch_size)
+    idx = np.arange(h * w)
+    return gather_patches(reflect_pad(image, r, r, r, r), idx // w, idx % w, patch_size)
+
+
+def check_pixel_kind(kind: str) -> None:
+    """Per-pixel inputs exist for patch and pixel models only (image models take whole tiles)."""
+    if kind not in ("patch", "pixel"):
+        raise ValueError(f"per-pixel inputs are for patch or pixel models, not {kind!r}")
 
 
 class PixelInputs:
@@ -60,49 +58,42 @@ class PixelInputs:
     "pixel": each pixel's spectrum.  (Image models take whole tiles: see `pad_to_multiple`.)
     """
 
-    def __init__(self, image: torch.Tensor, kind: str, patch_size: int = 0) -> None:
-        if kind not in ("patch", "pixel"):
-            raise ValueError(f"per-pixel inputs are for patch or pixel models, not {kind!r}")
+    def __init__(self, image: np.ndarray, kind: str, patch_size: int = 0) -> None:
+        check_pixel_kind(kind)
         self.image, self.kind, self.patch = image, kind, patch_size
         r = patch_size // 2
-        self.padded = F.pad(image[None], (r, r, r, r), mode="reflect")[0] if kind == "patch" and r else image
+        self.padded = reflect_pad(image, r, r, r, r) if kind == "patch" else image
 
-    def __call__(self, idx: np.ndarray) -> torch.Tensor:
+    def __call__(self, idx: np.ndarray) -> np.ndarray:
         w = self.image.shape[2]
-        rows, cols = torch.from_numpy(idx // w), torch.from_numpy(idx % w)
+        rows, cols = idx // w, idx % w
         if self.kind == "pixel":
-            return self.image[:, rows, cols].T.contiguous()
+            return np.ascontiguousarray(self.image[:, rows, cols].T)
         return gather_patches(self.padded, rows, cols, self.patch)
 
 
 IMAGE_MULTIPLE = 4  # image models (MambaHSI) embed at 1/4 resolution: tile sides are multiples of 4
 
 
-def image_batch(image: torch.Tensor) -> np.ndarray:
+def image_batch(image: np.ndarray) -> np.ndarray:
     """An image model's input for one preprocessed image or tile (C, H, W): (1, C, H', W'),
     padded to multiples of IMAGE_MULTIPLE."""
-    return pad_to_multiple(image, IMAGE_MULTIPLE)[None].numpy()
+    return np.ascontiguousarray(pad_to_multiple(image, IMAGE_MULTIPLE)[None])
 
 
-def image_logits(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """(K, H, W) full-resolution logits of an image model on one (C, H, W) image or tile, at the
-    geometry every deployment uses: padded as `image_batch` pads it, then cropped back.
-
-    Training scores (and trains) through this too, so the model that was validated is the one
-    export, parity-check and infer run (MambaHSI's scan runs over the padded raster, so a
-    different padding would change the sequence and the labels)."""
-    _, h, w = image.shape
-    return model.full_resolution_logits(pad_to_multiple(image, IMAGE_MULTIPLE)[None])[0, :, :h, :w]
+def padding_to_multiple(height: int, width: int, multiple: int) -> tuple[int, int, str]:
+    """(rows, cols, mode) that `pad_to_multiple` adds at the bottom / right: "reflect" where the
+    image is larger than the padding, else "edge" (the edge pixel repeated)."""
+    ph, pw = -height % multiple, -width % multiple
+    return ph, pw, "reflect" if ph < height and pw < width else "edge"
 
 
-def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
+def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
     """(C, H, W) -> (C, H', W') with H', W' the next multiples, reflect-padded at the bottom/right."""
-    _, h, w = image.shape
-    ph, pw = -h % multiple, -w % multiple
+    ph, pw, mode = padding_to_multiple(image.shape[1], image.shape[2], multiple)
     if not (ph or pw):
         return image
-    mode = "reflect" if ph < h and pw < w else "replicate"
-    return F.pad(image[None], (0, pw, 0, ph), mode=mode)[0]
+    return np.pad(image, ((0, 0), (0, ph), (0, pw)), mode=mode)
 
 
 @dataclass(frozen=True)
@@ -135,8 +126,7 @@ def plan_tiles(height: int, width: int, core: int, margin: int) -> list[Tile]:
     return tiles
 
 
-def tile_patch_batches(image: torch.Tensor, tile: Tile, patch_size: int,
-                       batch: int) -> Iterator[torch.Tensor]:
+def tile_patch_batches(image: np.ndarray, tile: Tile, patch_size: int, batch: int) -> Iterator[np.ndarray]:
     """Every core pixel's neighbourhood from the tile's preprocessed read window (C, h, w),
     `batch` pixels at a time in raster order (patch_size 0: the pixels' spectra).
 
@@ -147,12 +137,12 @@ def tile_patch_batches(image: torch.Tensor, tile: Tile, patch_size: int,
     """
     r = patch_size // 2
     top, bottom, left, right = tile.margins()
-    padded = F.pad(image[None], (r - left, r - right, r - top, r - bottom), mode="reflect")[0] if r else image
+    padded = reflect_pad(image, r - top, r - bottom, r - left, r - right) if r else image
     h, w = tile.core.height, tile.core.width
     for i in range(0, h * w, batch):
-        idx = torch.arange(i, min(i + batch, h * w))
+        idx = np.arange(i, min(i + batch, h * w))
         rows, cols = idx // w, idx % w
         if patch_size == 0:
-            yield image[:, top + rows, left + cols].T.contiguous()
+            yield np.ascontiguousarray(image[:, top + rows, left + cols].T)
         else:
             yield gather_patches(padded, rows, cols, patch_size)

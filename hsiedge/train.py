@@ -36,7 +36,7 @@ from hsiedge.metrics import accuracy_report
 from hsiedge.models import MODELS, build_model
 from hsiedge.preprocess import PCA, Chain, PercentileStretch, Standardize, Transform
 from hsiedge.splits import Split, make_split
-from hsiedge.tiling import PixelInputs, image_logits
+from hsiedge.tensor_inputs import TensorPixelInputs, image_logits
 from hsiedge.train_state import TrainState, data_sha256, load_state, save_state
 
 
@@ -73,8 +73,8 @@ class ScenePredictor:
     def __init__(self, model: nn.Module, image: torch.Tensor, batch: int = 256) -> None:
         self.model, self.image, self.batch = model, image, batch  # image: (C, H, W)
         self.kind = getattr(model, "input_kind", "patch")
-        self.inputs = None if self.kind == "image" else PixelInputs(image, self.kind,
-                                                                     getattr(model, "patch_size", 0))
+        self.inputs = None if self.kind == "image" else TensorPixelInputs(image, self.kind,
+                                                                           getattr(model, "patch_size", 0))
 
     def logits(self, idx: np.ndarray) -> torch.Tensor:
         if self.kind == "image":

@@ -108,7 +108,7 @@ def pca_patches(jasper_cube) -> torch.Tensor:
     flat = crop.reshape(-1, crop.shape[-1])
     chain = Chain([Standardize(), PCA(30)]).fit(flat, training_pixels=flat)
     img, _ = chain.apply(crop)
-    return pixel_patches(torch.from_numpy(img.astype(np.float32)).permute(2, 0, 1).contiguous(), 13)
+    return torch.from_numpy(pixel_patches(img.astype(np.float32).transpose(2, 0, 1), 13))
 
 
 def test_parameter_count_by_hand_pavia():

@@ -124,10 +124,10 @@ def test_patch_models_on_real_scene(scene):
     pca_img = torch.from_numpy(pca.apply(hwc)).permute(2, 0, 1)
     md = build_model("md2f-mamba", in_channels=30, num_classes=4).eval()
     with torch.no_grad():
-        p7 = pixel_patches(scene, 7)
+        p7 = torch.from_numpy(pixel_patches(scene.numpy(), 7))
         out_sm = sm(p7)
         out_px = smp(scene.reshape(bands, -1).T)
-        p13 = pixel_patches(pca_img, 13)
+        p13 = torch.from_numpy(pixel_patches(pca_img.numpy(), 13))
         out_md = md(p13)
         # Results do not depend on what else is in the batch.
         torch.testing.assert_close(sm(p7[5:9]), out_sm[5:9], rtol=1e-4, atol=1e-5)
@@ -138,7 +138,7 @@ def test_patch_models_on_real_scene(scene):
 
 def test_pixel_patches_match_explicit_loop(scene):
     img = scene[:5, :9, :11]
-    p = pixel_patches(img, 5).numpy()
+    p = pixel_patches(img.numpy(), 5)
     padded = np.pad(img.numpy(), ((0, 0), (2, 2), (2, 2)), mode="reflect")
     for idx, (i, j) in enumerate([(0, 0), (4, 7), (8, 10), (3, 0)]):
         np.testing.assert_array_equal(p[i * 11 + j], padded[:, i:i + 5, j:j + 5], err_msg=str(idx))

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from hsiedge.infer.policy import QUEUE_DEPTH, Geometry
 from hsiedge.memory import release_free_heap
@@ -65,7 +64,7 @@ def run_pipeline(scene: Scene, chain: Chain, geometry: Geometry, runner: Runner,
             for t in tiles:
                 raw = scene.read(t.read)
                 x, valid = chain.apply(raw, scene.nodata)
-                image = torch.from_numpy(x).permute(2, 0, 1).contiguous()
+                image = np.ascontiguousarray(x.transpose(2, 0, 1))
                 top, _, left, _ = t.margins()
                 core_valid = valid[top:top + t.core.height, left:left + t.core.width]
                 if not put(q_in, (t, image, core_valid)):

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from hsiedge.bundle import Bundle
 from hsiedge.infer.errors import InferError
@@ -85,14 +84,14 @@ class Geometry:
     def tiles(self, height: int, width: int) -> list[Tile]:
         return plan_tiles(height, width, self.core, self.margin)
 
-    def inputs(self, image: torch.Tensor, tile: Tile, batch: int) -> Iterator[np.ndarray]:
+    def inputs(self, image: np.ndarray, tile: Tile, batch: int) -> Iterator[np.ndarray]:
         """Model inputs for one tile's preprocessed read window (C, h, w), cut when iterated."""
         if self.kind == "image":
             return iter([image_batch(image)])
         patch = self.patch if self.kind == "patch" else 0
-        return (x.numpy() for x in tile_patch_batches(image, tile, patch, batch))
+        return tile_patch_batches(image, tile, patch, batch)
 
-    def run(self, runner: Runner, image: torch.Tensor, tile: Tile, batch: int,
+    def run(self, runner: Runner, image: np.ndarray, tile: Tile, batch: int,
             after_batch: Callable[[], object] | None = None) -> np.ndarray:
         """(K, core h, core w) logits of one tile from its preprocessed read window (C, h, w);
         `after_batch` runs after each runner call."""
@@ -155,7 +154,7 @@ def image_tile_for_budget(bundle: Bundle, runtime: str, memory_mib: float, heigh
     return side, side // 4 // (2 * mult) * (2 * mult)
 
 
-def tiled_logits(runner: Runner, geometry: Geometry, image: torch.Tensor, batch: int = 256) -> np.ndarray:
+def tiled_logits(runner: Runner, geometry: Geometry, image: np.ndarray, batch: int = 256) -> np.ndarray:
     """(K, H, W) logits of a preprocessed (C, H, W) image in memory, run tile by tile exactly as
     `infer_scene` runs a scene (used to measure what tiling changes)."""
     _, h, w = image.shape
