@@ -10,6 +10,7 @@ No checkpoint and no torch are needed: this is how a Jetson user builds on the d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -21,7 +22,15 @@ from typing import Any
 from hsiedge.atomic import atomic_path
 from hsiedge.bundle import Bundle, open_bundle, replace_manifest, sha256_file
 from hsiedge.export.engine import BuiltEngine, EngineBuildError, Profile, build_engine
-from hsiedge.runtimes.trt_library import PLUGIN_ENV, TensorRTUnavailableError, default_target
+from hsiedge.runtimes.trt_library import (
+    NO_PLUGIN_LIBRARY,
+    PLUGIN_ENV,
+    PluginLibraryNotFoundError,
+    TensorRTUnavailableError,
+    default_target,
+    find_plugin_library,
+    tensorrt_library,
+)
 
 
 def default_profile(bundle: Bundle) -> Profile:
@@ -38,19 +47,25 @@ def input_dims(bundle: Bundle) -> tuple[int | None, ...]:
     return (None, bands, bundle.patch_size, bundle.patch_size) if kind == "patch" else (None, bands)
 
 
-def plugin_library_for(bundle: Bundle, plugins: str | Path | None) -> Path | None:
-    """The plugin library a build of this bundle needs: --plugins, else $HSIEDGE_TRT_PLUGINS."""
+def plugin_library_for(bundle: Bundle, plugins: str | Path | None, target: str | None = None) -> Path | None:
+    """The plugin library a build of this bundle needs: --plugins, else $HSIEDGE_TRT_PLUGINS, else the
+    newest one `hsiedge plugin build` cached (for `target` "trt": built against the installed
+    TensorRT's major version; TensorRT for RTX loads libraries built against 10.x and 11.x headers)."""
     if bundle.scan != "plugin":
         return None
-    lib = plugins or os.environ.get(PLUGIN_ENV)
-    if not lib:
-        raise EngineBuildError(f"{bundle.path}: a plugin-mode bundle needs the hsiedge TensorRT plugin "
-                               "library to build an engine: pass --plugins PATH/libhsiedge_trt_plugins.so "
-                               f"or set {PLUGIN_ENV} (`hsiedge plugin build` makes it), or export with "
-                               "--scan portable")
-    if not Path(lib).is_file():
-        raise EngineBuildError(f"{lib}: expected the hsiedge TensorRT plugin library, found no file")
-    return Path(lib)
+    major = None
+    if target == "trt" and not plugins and not os.environ.get(PLUGIN_ENV):
+        with contextlib.suppress(TensorRTUnavailableError, ValueError):
+            major = int(tensorrt_library("trt").version.split(".")[0])
+    try:
+        return find_plugin_library(plugins, tensorrt_major=major)
+    except PluginLibraryNotFoundError as e:
+        if plugins or os.environ.get(PLUGIN_ENV):
+            raise EngineBuildError(str(e)) from None
+    built_for = f" built for TensorRT {major}" if major is not None else ""
+    raise EngineBuildError(f"{bundle.path}: a plugin-mode bundle needs the hsiedge TensorRT plugin library "
+                           f"to build an engine, and none{built_for} was found: {NO_PLUGIN_LIBRARY}, or "
+                           "export with --scan portable")
 
 
 def add_engine(bundle: Bundle | str | Path, *, target: str | None = None,
@@ -69,7 +84,7 @@ def add_engine(bundle: Bundle | str | Path, *, target: str | None = None,
         profile.check(input_dims(bundle))
     except ValueError as e:
         raise EngineBuildError(f"{bundle.path}: {e}") from None
-    lib = plugin_library_for(bundle, plugins)
+    lib = plugin_library_for(bundle, plugins, target)
     onnx_bytes = bundle.artifact("onnx").read_bytes()
     built = build_engine(onnx_bytes, profile, target=target, compute_capabilities=compute_capabilities,
                          plugin_library=lib, on_phase=on_phase)

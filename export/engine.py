@@ -176,7 +176,8 @@ def _build(lib: TensorRTLibrary, onnx_bytes: bytes, profile: Profile, target: st
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes):
         errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
-        hint = "" if plugin_library else " (a plugin-mode graph needs the hsiedge plugin library: --plugins)"
+        hint = "" if plugin_library else (" (a plugin-mode graph needs the hsiedge plugin library: run "
+                                          "`hsiedge plugin build` or pass --plugins)")
         raise EngineBuildError(f"the {lib.name} {lib.version} ONNX parser rejected the graph: {errors}{hint}")
 
     network_info = _network_summary(trt, network)

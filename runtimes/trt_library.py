@@ -11,6 +11,10 @@ maps a node to a plugin; the wheel ships only `libtensorrt_rtx.so.1`, and the fa
 ends the process (std::terminate).  The wheel's libraries carry RPATH `$ORIGIN`, so the name
 resolves once a link of that name sits next to the versioned library: hsiedge makes that
 link itself the first time it loads TensorRT for RTX, so users never make one by hand.
+
+A plugin-mode graph also needs the hsiedge plugin library (`find_plugin_library`): the one
+named by `--plugins`, else by `$HSIEDGE_TRT_PLUGINS`, else the newest one `hsiedge plugin build`
+left in the per-user cache.
 """
 
 from __future__ import annotations
@@ -32,12 +36,19 @@ TARGETS = ("rtx", "trt")
 MODULES = {"rtx": ("tensorrt_rtx_bindings", "tensorrt_rtx"), "trt": ("tensorrt",)}
 UNVERSIONED = "libtensorrt_rtx.so"
 PLUGIN_ENV = "HSIEDGE_TRT_PLUGINS"  # the plugin library to build with when --plugins is not given
+# What to do when no plugin library is found (the end of a sentence).
+NO_PLUGIN_LIBRARY = ("run `hsiedge plugin build` (engine builds find its library), pass --plugins "
+                     f"PATH/libhsiedge_trt_plugins.so or set {PLUGIN_ENV}")
 # The GPUs an `rtx` engine is built for by default: A100-class, RTX 30, RTX 40 (the RTX 4090), RTX 50.
 PORTABLE_CCS = (80, 86, 89, 120)
 
 
 class TensorRTUnavailableError(RuntimeError):
     """No TensorRT library for a target here, or it cannot be made usable; one sentence says why."""
+
+
+class PluginLibraryNotFoundError(RuntimeError):
+    """No hsiedge plugin library was given or built, or the one named is not there; one sentence says why."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,30 @@ def default_target() -> str:
             "no TensorRT library is installed here: pip install 'hsiedge[rtx]' for TensorRT for RTX "
             "(builds engines on any machine), or use a TensorRT 10/11 install with --target trt")
     return found[0]
+
+
+def find_plugin_library(explicit: str | Path | None = None, *, tensorrt_major: int | None = None) -> Path:
+    """The plugin library to load: `explicit` (--plugins), else $HSIEDGE_TRT_PLUGINS, else the newest
+    library `hsiedge plugin build` cached (built against TensorRT `tensorrt_major` headers, when given).
+
+    A library that is named but missing is an error, never skipped for the next place: the user
+    meant that one.  Raises PluginLibraryNotFoundError saying what to run when none is found."""
+    from hsiedge.export.plugin_library import cached_plugin_library
+
+    named = [(explicit, None), (os.environ.get(PLUGIN_ENV) or None, f"${PLUGIN_ENV}")]
+    for lib, source in named:
+        if lib:
+            if not Path(lib).is_file():
+                where = f" (from {source})" if source else ""
+                raise PluginLibraryNotFoundError(f"{lib}{where}: expected the hsiedge TensorRT plugin "
+                                                 "library, found no file")
+            return Path(lib)
+    cached = cached_plugin_library(tensorrt_major)
+    if cached is None:
+        built_for = f" built for TensorRT {tensorrt_major}" if tensorrt_major is not None else ""
+        raise PluginLibraryNotFoundError(f"no hsiedge TensorRT plugin library{built_for} was found: "
+                                         f"{NO_PLUGIN_LIBRARY}")
+    return cached
 
 
 def _libs_dir(module: ModuleType) -> Path | None:

@@ -132,8 +132,9 @@ def test_refusals_are_one_sentence_and_leave_the_bundle_as_it_was(exported, sm_b
         assert message in res.output and len(res.output.strip().splitlines()) <= 2, res.output
     plugin_bundle = _copy(exported("spectralmamba", "plugin", "fp32")[0], tmp_path / "p")
     monkeypatch.delenv("HSIEDGE_TRT_PLUGINS", raising=False)
+    monkeypatch.setenv("HSIEDGE_CACHE_DIR", str(tmp_path / "cache"))  # no `hsiedge plugin build` either
     res = runner.invoke(app, ["engine", str(plugin_bundle)])
-    assert res.exit_code == 1 and "--plugins" in res.output
+    assert res.exit_code == 1 and "--plugins" in res.output and "hsiedge plugin build" in res.output
     res = runner.invoke(app, ["engine", str(plugin_bundle), "--plugins", str(tmp_path / "none.so")])
     assert res.exit_code == 1 and "found no file" in res.output
 

@@ -15,12 +15,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from hsiedge.export.plugin_library import tensorrt_include
 from hsiedge.ops import cuda
+from hsiedge.plugins import source_dir
 
-PLUGINS = REPO / "plugins"
+PLUGINS = source_dir()  # the installed package's sources (plugins/ in an editable install)
 PORTABLE_ARCHS = "75-real;80-real;86-real;89-real;120"
 # What the library exports: TensorRT's two entry points and the kernel's C API (hsiedge_*).
 EXPORTS = {"getCreators", "setLoggerFinder", "hsiedge_scan_cuda", "hsiedge_scan_cuda_status",

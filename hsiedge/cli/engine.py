@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -121,24 +123,53 @@ plugin_app = typer.Typer(help="The hsiedge TensorRT plugin library (SelectiveSca
 app.add_typer(plugin_app, name="plugin")
 
 
+# CMake lines worth showing while the plugin library builds: versions found and build steps.
+_PLUGIN_PROGRESS = re.compile(r"^(-- (TensorRT|CUDA architectures|The CUDA compiler identification)|"
+                              r"\[ *\d+%\] (Building|Linking))")
+
+
 @plugin_app.command("build")
 def plugin_build(
-    output: Path = typer.Option(Path("libhsiedge_trt_plugins.so"), "-o", "--output",
-                                help="Where to write the library."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Also copy the library here (it is "
+                                       "always kept in the per-user cache, where `hsiedge engine` finds "
+                                       "it)."),
     tensorrt_root: Path | None = typer.Option(None, "--tensorrt-root", help="Folder with include/NvInfer.h "
                                               "(default: $TENSORRT_ROOT, else the system's TensorRT)."),
-    arch: list[str] = typer.Option(None, "--arch", help="CUDA architecture to build for (repeat; default: "
-                                   "80 86 89 120 and PTX, or 87 with --jetson)."),
+    arch: list[str] = typer.Option(None, "--arch", help="CUDA architecture to build for, e.g. 89 or 87 "
+                                   "(repeat; default: 75 80 86 89 120 and PTX, or 87 with --jetson)."),
     jetson: bool = typer.Option(False, "--jetson", help="Build for Jetson Orin (sm_87)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even when the cache holds a library built "
+                               "from the same sources, TensorRT version and architectures."),
 ) -> None:
-    """Compile libhsiedge_trt_plugins.so from plugins/ with CMake and nvcc (needs TensorRT headers)."""
-    from hsiedge.export.plugin_library import PluginBuildError, build_plugin_library
+    """Compile libhsiedge_trt_plugins.so (SelectiveScan) with CMake and nvcc; needs TensorRT headers.
+
+    The sources ship with hsiedge.  The library is kept in the per-user cache
+    ($HSIEDGE_CACHE_DIR/trt-plugins, default ~/.cache/hsiedge/trt-plugins), one per TensorRT
+    version and architecture list, so `hsiedge engine` and `hsiedge export --engine` find it
+    without --plugins; a second run for the same inputs reuses it.
+    """
+    from hsiedge.export.plugin_library import PluginBuildError, ensure_plugin_library
+
+    def show(update: Callable[[str], None] | None) -> Callable[[str], None]:
+        def line(text: str) -> None:
+            if _PLUGIN_PROGRESS.match(text):
+                if update:
+                    update(f"building the plugin library: {escape(text.removeprefix('-- ')[:90])}")
+                else:
+                    err_console.print(text, highlight=False, markup=False, soft_wrap=True)
+        return line
 
     with spinner("building the plugin library") as update:
         try:
-            lib = build_plugin_library(output, tensorrt_root=tensorrt_root, archs=arch or None, jetson=jetson,
-                                       on_line=(lambda t: update(t[:100])) if update else None)
+            built = ensure_plugin_library(output, tensorrt_root=tensorrt_root, archs=arch or None,
+                                          jetson=jetson, force=force, on_line=show(update))
         except PluginBuildError as e:
             fail(str(e))
-    console.print(f"wrote {lib} ({lib.stat().st_size / 2**20:.1f} MiB); give it to "
-                  "`hsiedge engine --plugins`")
+    what = f"TensorRT {built.tensorrt_version} headers, {built.archs}"
+    if built.rebuilt:
+        console.print(f"built {built.path} ({what}, {built.path.stat().st_size / 2**20:.1f} MiB)",
+                      highlight=False, soft_wrap=True)
+    else:
+        console.print(f"already built for the same sources, TensorRT version and architectures: {built.path} "
+                      f"({what}); --force rebuilds it", highlight=False, soft_wrap=True)
+    console.print(f"sha256 {built.sha256}", highlight=False)

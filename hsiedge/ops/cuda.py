@@ -1,27 +1,32 @@
 """The project's CUDA kernel as the `cuda` backend of `hsiedge.ops.selective_scan`.
 
-The kernel lives in `plugins/selective_scan/selective_scan.cu`, the same source the
-TensorRT plugin is built from.  Here it is compiled with `nvcc` into a small shared library
-(on first use, or with `make cuda-ext`), cached next to the CPU kernel, and called through
+The kernel is `selective_scan/selective_scan.cu` of the `hsiedge.plugins` package (shipped in
+the wheel; `plugins/` in a checkout), the same source the TensorRT plugin is built from.  Here
+it is compiled with `nvcc` into a small shared library (on first use, or with `make cuda-ext`),
+cached next to the CPU kernel, and called through
 `ctypes` with the tensors' device pointers and PyTorch's current CUDA stream: no PyTorch C++
 extension toolchain is needed, and the library does not depend on the PyTorch build.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import hashlib
 import os
 import subprocess
+import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from hsiedge.ops.cpu import cache_dir
 from hsiedge.ops.native import NativeLibrary, nvcc
+from hsiedge.plugins import source_dir
 
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "plugins" / "selective_scan"
+SOURCE_DIR = source_dir() / "selective_scan"
 SOURCES = (SOURCE_DIR / "selective_scan.cu", SOURCE_DIR / "selective_scan.h")
 NVCC_FLAGS = ["-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC"]
 
@@ -38,8 +43,16 @@ def _arch_flags() -> list[str]:
     return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in (87, 89, 90)]
 
 
+def _check_sources() -> None:
+    missing = [src for src in SOURCES if not src.is_file()]
+    if missing:
+        raise CudaBuildError(f"{missing[0]}: the CUDA kernel source is not there, so this hsiedge install is "
+                             "incomplete; reinstall hsiedge")
+
+
 def library_path() -> Path:
     """Where the library for this source, compiler and GPU is (it may not be built yet)."""
+    _check_sources()
     h = hashlib.sha256()
     for src in SOURCES:
         h.update(src.read_bytes())
@@ -52,8 +65,7 @@ def build(target: Path | None = None) -> Path:
     compiler = nvcc()
     if compiler is None:
         raise CudaBuildError("no nvcc found (set CUDA_HOME or put nvcc on PATH)")
-    if not SOURCES[0].is_file():
-        raise CudaBuildError(f"{SOURCES[0]} is missing: the CUDA backend needs a source checkout of hsiedge")
+    _check_sources()
     target = target or library_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -134,5 +146,30 @@ def run(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
     return y.to(u.dtype)
 
 
-if __name__ == "__main__":  # `make cuda-ext`
-    print(f"built {build()}")
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m hsiedge.ops.cuda` (`make cuda-ext`): build the library unless it is built; print its
+    path and sha256 as `hsiedge plugin build` does."""
+    from hsiedge.bundle import sha256_file
+
+    ap = argparse.ArgumentParser(prog="python -m hsiedge.ops.cuda", description=main.__doc__)
+    ap.add_argument("--force", action="store_true", help="rebuild even when the library is built")
+    args = ap.parse_args(argv)
+    try:
+        target = library_path()
+        rebuilt = args.force or not target.is_file()
+        if rebuilt:
+            build(target)
+    except CudaBuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {cache_dir()}: cannot build the library there ({e.strerror or e}); set "
+              "HSIEDGE_CACHE_DIR to a writable folder", file=sys.stderr)
+        return 1
+    print(f"built {target}" if rebuilt else f"already built: {target}; --force rebuilds it")
+    print(f"sha256 {sha256_file(target)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
