@@ -10,7 +10,7 @@ STAMP    := $(VENV)/.hsiedge-installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[dev,rtx,cluster]"
+	$(PY) -m pip install --quiet -e ".[torch,dev,rtx,cluster]"
 	$(PY) -c "from hsiedge.ops import cpu; cpu.load(); print('selective-scan CPU kernel:', cpu.library_path())"
 	touch $@
 

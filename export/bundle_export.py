@@ -36,6 +36,7 @@ from hsiedge.export import onnx_model, portable, scan_functions, scan_node
 from hsiedge.export.onnx_model import ExportError
 from hsiedge.io.scene import Window
 from hsiedge.models import count_parameters
+from hsiedge.original import REFERENCE, reference_npz, run_original, stored_original
 from hsiedge.parity import THRESHOLDS, ParityData, check_bundle, parity_data
 from hsiedge.preprocess import valid_mask
 from hsiedge.tiling import IMAGE_MULTIPLE, PixelInputs, image_batch
@@ -165,7 +166,7 @@ def calibration_samples(ckpt: Checkpoint, data: HeldOut, kind: str, patch: int, 
     if kind == "image":
         regions = ([(data.cube, data.nodata)] if small
                    else _calibration_regions(data, CALIB_TILE, CALIB_TILES, rng))
-        tiles = [image_batch(torch.from_numpy(chain.apply(cube, nodata)[0]).permute(2, 0, 1).contiguous())
+        tiles = [image_batch(np.ascontiguousarray(chain.apply(cube, nodata)[0].transpose(2, 0, 1)))
                  for cube, nodata in regions]
         return np.concatenate(tiles), 1
     r = patch // 2 if kind == "patch" else 0
@@ -185,8 +186,7 @@ def calibration_samples(ckpt: Checkpoint, data: HeldOut, kind: str, patch: int, 
         if candidates.size == 0:
             continue
         idx = np.sort(rng.choice(candidates, size=min(per_region, candidates.size), replace=False))
-        image = torch.from_numpy(x).permute(2, 0, 1).contiguous()
-        samples.append(PixelInputs(image, kind, patch)(idx).numpy())
+        samples.append(PixelInputs(np.ascontiguousarray(x.transpose(2, 0, 1)), kind, patch)(idx))
     if not samples:
         raise ExportError(f"{data.path}: no valid pixels to calibrate int8 on (all nodata or NaN)")
     return np.concatenate(samples)[:CALIB_PIXELS], 128
@@ -314,7 +314,9 @@ def export_bundle(
         step("parity: original vs ONNX Runtime on the held-out pixels")
         pdata: ParityData = parity_data(bundle.preprocessing, data.cube, kind, patch, nodata=data.nodata,
                                         pixels=data.pixels, labels=data.labels, source=data.description)
-        report = check_bundle(bundle, pdata, ["onnxruntime"], limits)
+        original = run_original(bundle, pdata)
+        writer.add(REFERENCE, reference_npz(original, pdata))  # parity on devices without torch
+        report = check_bundle(bundle, pdata, ["onnxruntime"], limits, original=original)
         report["forced"] = bool(force and not report["passed"])
         manifest["parity"] = report
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
@@ -357,7 +359,8 @@ def _engine_and_its_parity(output: Path, pdata: ParityData, limits: dict[str, fl
         replace_manifest(output, manifest)
     else:
         step("parity: original vs TensorRT on the held-out pixels")
-        trt_report = check_bundle(bundle, pdata, ["tensorrt"], limits)
+        trt_report = check_bundle(bundle, pdata, ["tensorrt"], limits,
+                                  original=stored_original(bundle, pdata))
         report = dict(manifest["parity"])
         report["results"] = report["results"] + trt_report["results"]
         report["passed"] = report["passed"] and trt_report["passed"]

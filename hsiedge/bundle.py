@@ -33,7 +33,8 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20  # a 400-band PCA manifest is about 3 MB
 # artifact kind -> file name inside the bundle (TensorRT engines and their plugin libraries,
 # "engine-<target>" / "plugin-<target>", are named by `hsiedge engine` after their content)
-ARTIFACT_FILES = {"checkpoint": "checkpoint.pt", "onnx": "model.onnx", "heldout": "heldout.npz"}
+ARTIFACT_FILES = {"checkpoint": "checkpoint.pt", "onnx": "model.onnx", "heldout": "heldout.npz",
+                  "reference": "reference.npz"}
 
 # Distinct colours for class maps (tab20-like, written by hand); cycled past 20 classes.
 PALETTE = (

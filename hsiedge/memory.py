@@ -10,6 +10,8 @@ So: blocks up to 32 MB stay on a heap shared by two arenas, and the heap is trim
 batches only when its free memory passes a bound (README, "Streaming inference").  glibc reads
 the same settings from MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / MALLOC_ARENA_MAX, which
 win when set.  Python has no binding for mallopt or mallinfo2, hence the few lines of ctypes here.
+glibc before 2.33 (JetPack 5 has 2.31) lacks mallinfo2: mallinfo serves instead, and without
+either the heap is trimmed on resident-memory growth; `heap_warning` says what is off.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -29,56 +34,109 @@ SETTINGS = (  # (mallopt option, environment variable that overrides it, value)
     (M_ARENA_MAX, "MALLOC_ARENA_MAX", 2),
 )
 FREE_HEAP_BOUND = 256 * MIB  # trim once this much heap sits free
+MALLINFO_FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                   "fordblks", "keepcost")
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-        "keepcost")]
+    _fields_ = [(name, ctypes.c_size_t) for name in MALLINFO_FIELDS]
 
 
-_libc: ctypes.CDLL | bool | None = False
+class _MallInfo(ctypes.Structure):
+    # glibc's fields are int; read as unsigned they are exact up to 4 GiB (then they wrap)
+    _fields_ = [(name, ctypes.c_uint) for name in MALLINFO_FIELDS]
 
 
-def _glibc() -> ctypes.CDLL | None:
-    """glibc with mallopt/malloc_trim/mallinfo2 (2.33+), else None."""
-    global _libc
-    if _libc is False:
+@dataclass(frozen=True)
+class Heap:
+    """glibc's heap controls as found in this process's C library."""
+
+    lib: Any  # has mallopt and malloc_trim
+    free_bytes: Callable[[], int] | None  # free heap bytes by mallinfo2 (2.33+) or mallinfo; None: neither
+    source: str  # "mallinfo2", "mallinfo" or "" (trimming then follows resident-memory growth)
+
+
+def open_heap(lib: Any) -> Heap | None:
+    """The heap controls `lib` offers; None without mallopt / malloc_trim (not glibc)."""
+    try:
+        lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.malloc_trim.argtypes = [ctypes.c_size_t]
+    except AttributeError:
+        return None
+    for name, struct in (("mallinfo2", _MallInfo2), ("mallinfo", _MallInfo)):
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.restype = struct
+            return Heap(lib, lambda fn=fn: int(fn().fordblks), name)
+    return Heap(lib, None, "")
+
+
+_heap: Heap | bool | None = False
+_trimmed_at_rss: float | None = None  # resident MiB after the last trim (when no mallinfo)
+
+
+def _glibc_heap() -> Heap | None:
+    """This process's heap controls (looked up once), None where the C library is not glibc."""
+    global _heap
+    if _heap is False:
         try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            lib.mallinfo2.restype = _MallInfo2
-            lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-            lib.malloc_trim.argtypes = [ctypes.c_size_t]
-            _libc = lib
-        except (OSError, AttributeError):
-            _libc = None
-    return _libc
+            _heap = open_heap(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"))
+        except OSError:
+            _heap = None
+    return _heap  # type: ignore[return-value]
+
+
+def heap_warning() -> str | None:
+    """One line saying what of the heap bounding is off here, None when all of it works."""
+    heap = _glibc_heap()
+    if heap is None:
+        return ("heap bounding is off: the C library is not glibc (no mallopt / malloc_trim), so freed "
+                "tiles may stay resident and memory can grow past the budget on long runs")
+    if heap.free_bytes is None:
+        return ("this glibc has neither mallinfo2 nor mallinfo: the free heap is trimmed when resident "
+                f"memory has grown by {FREE_HEAP_BOUND // MIB} MiB instead of when it sits free")
+    return None
 
 
 def bound_heap() -> bool:
     """Apply SETTINGS to this process (idempotent); False where the C library is not glibc."""
-    libc = _glibc()
-    if libc is None:
+    heap = _glibc_heap()
+    if heap is None:
         return False
     for option, env, value in SETTINGS:
         if env not in os.environ:
-            libc.mallopt(option, value)
+            heap.lib.mallopt(option, value)
     return True
 
 
-def free_heap_bytes() -> int:
-    """Bytes the heap holds free (all arenas), 0 where unknown."""
-    libc = _glibc()
-    return 0 if libc is None else int(libc.mallinfo2().fordblks)
+def free_heap_bytes() -> int | None:
+    """Bytes the heap holds free (all arenas); None where glibc cannot say."""
+    heap = _glibc_heap()
+    return None if heap is None or heap.free_bytes is None else heap.free_bytes()
 
 
 def release_free_heap(bound: int = FREE_HEAP_BOUND) -> bool:
-    """Give free heap pages back to the system when more than `bound` bytes sit free; called
-    between batches.  True when it trimmed."""
-    libc = _glibc()
-    if libc is None or free_heap_bytes() <= bound:
+    """Give free heap pages back to the system when more than `bound` bytes sit free (where
+    glibc cannot say, when resident memory grew by `bound` since the last trim); called between
+    batches.  True when it trimmed."""
+    global _trimmed_at_rss
+    heap = _glibc_heap()
+    if heap is None:
         return False
-    libc.malloc_trim(0)
+    if heap.free_bytes is not None:
+        if heap.free_bytes() <= bound:
+            return False
+        heap.lib.malloc_trim(0)
+        return True
+    rss = rss_mib()
+    if rss is None:
+        return False
+    if _trimmed_at_rss is None or rss < _trimmed_at_rss:  # the baseline: the lowest since a trim
+        _trimmed_at_rss = rss
+    if (rss - _trimmed_at_rss) * MIB <= bound:
+        return False
+    heap.lib.malloc_trim(0)
+    _trimmed_at_rss = rss_mib()
     return True
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from hsiedge.bundle import INPUT_NAME, OUTPUT_NAME, Bundle
 from hsiedge.metrics import accuracy_report
@@ -46,7 +45,7 @@ class PixelBatches(Sequence):
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i %= len(self)
-        return self.inputs(self.pixels[i * self.batch:(i + 1) * self.batch]).numpy()
+        return self.inputs(self.pixels[i * self.batch:(i + 1) * self.batch])
 
 
 @dataclass
@@ -71,7 +70,7 @@ def parity_data(chain: Chain, cube: np.ndarray, kind: str, patch_size: int = 0, 
     """
     h, w = cube.shape[:2]
     x, valid = chain.apply(cube, nodata)
-    image = torch.from_numpy(x).permute(2, 0, 1).contiguous()
+    image = np.ascontiguousarray(x.transpose(2, 0, 1))
     if pixels is None:
         pixels = np.flatnonzero(valid.reshape(-1))
     if labels is not None and labels.shape == (h, w):
@@ -256,7 +255,7 @@ def tiling_effect(runner: Any, data: ParityData, whole: np.ndarray, tiling: Any)
     from hsiedge.infer import tiled_logits
 
     h, w = data.shape
-    image = torch.from_numpy(np.ascontiguousarray(data.batches[0][0, :, :h, :w]))
+    image = np.ascontiguousarray(data.batches[0][0, :, :h, :w])
     tiled = tiled_logits(runner, tiling, image)
     tiled = tiled.reshape(tiled.shape[0], -1).T[data.pixels].argmax(1)
     ref = whole.argmax(1)
@@ -276,44 +275,44 @@ def tiling_effect(runner: Any, data: ParityData, whole: np.ndarray, tiling: Any)
 def check_bundle(bundle: Bundle, data: ParityData, runtimes: list[str], thresholds: dict[str, float],
                  save_dir: str | Path | None = None,
                  on_batch: Callable[[str, int], None] | None = None,
-                 tiling: Callable[[str], Any] | None = None) -> dict[str, Any]:
-    """Run the original (torch runtime on the bundle's checkpoint) and each runtime on `data`.
+                 tiling: Callable[[str], Any] | None = None, original: Any = None) -> dict[str, Any]:
+    """Compare each runtime on `data` with the original: `original` (an `hsiedge.original.Original`,
+    e.g. the logits stored in the bundle), else the torch runtime run now on the checkpoint.
 
     Returns the report as plain data: per runtime its figures, checks and failures, and
-    `passed` over all of them.  `save_dir`: inputs and outputs in Polygraphy's formats.
-    `tiling` (image models): runtime name -> the `hsiedge.infer.Geometry` infer would use with
-    that runtime on this scene; each side's tiling effect is then reported for its own tiles.
+    `passed` over all of them.  `save_dir`: inputs and outputs in Polygraphy's formats (the
+    original's only where it ran here).  `tiling` (image models): runtime name -> the
+    `hsiedge.infer.Geometry` infer would use with that runtime on this scene; each side's
+    tiling effect is then reported for its own tiles.
     """
     import time
 
+    from hsiedge.original import run_original
     from hsiedge.runtimes import open_runner
 
-    def timed(name: str) -> tuple[list[np.ndarray], float, Any]:
-        with open_runner(bundle, name) as runner:
-            t0 = time.perf_counter()
-            outs = run_batches(runner, data, None if on_batch is None else lambda n: on_batch(name, n))
-            info = {"device": runner.device, "precision": runner.precision, "artifact": runner.artifact,
-                    "notes": runner.notes}
-            seconds = time.perf_counter() - t0
-            if tiling is not None and data.kind == "image":
-                info["tiling_effect"] = tiling_effect(runner, data, pixel_logits(outs, data), tiling(name))
-            return outs, seconds, info
+    def progress(name: str) -> Callable[[int], None] | None:
+        return None if on_batch is None else lambda n: on_batch(name, n)
 
-    ref_outs, ref_seconds, ref_info = timed("torch")
-    reference = pixel_logits(ref_outs, data)
-    outputs = {"original": ref_outs}
+    if original is None:
+        original = run_original(bundle, data, progress("torch"), None if tiling is None else tiling("torch"))
+    outputs = {} if original.outputs is None else {"original": original.outputs}
     results = []
     for name in runtimes:
-        outs, seconds, info = timed(name)
-        figures, checks = compare(reference, pixel_logits(outs, data), data.labels, thresholds)
-        figures["seconds"] = round(seconds, 3)
-        result = ParityResult(info["artifact"], name, info["device"], info["precision"], figures, checks,
-                              info["notes"])
-        results.append({**result.to_dict(), "failures": [c.describe() for c in result.failures()],
-                        **({"tiling_effect": info["tiling_effect"]} if "tiling_effect" in info else {})})
+        with open_runner(bundle, name) as runner:
+            t0 = time.perf_counter()
+            outs = run_batches(runner, data, progress(name))
+            seconds = time.perf_counter() - t0
+            got = pixel_logits(outs, data)
+            figures, checks = compare(original.logits, got, data.labels, thresholds)
+            figures["seconds"] = round(seconds, 3)
+            result = ParityResult(runner.artifact, name, runner.device, runner.precision, figures, checks,
+                                  runner.notes)
+            entry = {**result.to_dict(), "failures": [c.describe() for c in result.failures()]}
+            if tiling is not None and data.kind == "image":
+                entry["tiling_effect"] = tiling_effect(runner, data, got, tiling(name))
+        results.append(entry)
         outputs[name] = outs
     if save_dir is not None:
         save_polygraphy(save_dir, data, outputs)
     return {"data": data.source, "pixels": int(data.pixels.size), "thresholds": thresholds,
-            "original": {"runtime": "torch", **ref_info, "seconds": round(ref_seconds, 3)},
-            "results": results, "passed": all(r["passed"] for r in results)}
+            "original": original.info, "results": results, "passed": all(r["passed"] for r in results)}

@@ -1,14 +1,16 @@
-"""The `torch` runtime: the original PyTorch model, rebuilt from the bundle's checkpoint."""
+"""The `torch` runtime: the original PyTorch model, rebuilt from the bundle's checkpoint.
+
+PyTorch is imported when the runner opens, so registering it costs nothing on an install
+without it (which then reports the runtime unavailable, with the install line)."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
-import torch
 
 from hsiedge.bundle import Bundle
-from hsiedge.checkpoint import CheckpointError, load_checkpoint
+from hsiedge.optional import torch_missing
 from hsiedge.runtimes.base import Runner, RuntimeSpec, RuntimeUnavailableError, register_runtime
 
 
@@ -16,6 +18,10 @@ class TorchRunner(Runner):
     name = "torch"
 
     def __init__(self, bundle: Bundle, device: str | None = None, threads: int | None = None) -> None:
+        import torch
+
+        from hsiedge.checkpoint import CheckpointError, load_checkpoint
+
         super().__init__(bundle)
         if threads:  # process-wide in PyTorch; the CPU scan backend follows it too
             torch.set_num_threads(threads)
@@ -38,6 +44,8 @@ class TorchRunner(Runner):
 
     @property
     def device(self) -> str:
+        import torch
+
         if self._device.type == "cuda":
             return f"{self._device} ({torch.cuda.get_device_name(self._device)})"
         return "cpu"
@@ -54,18 +62,22 @@ class TorchRunner(Runner):
     def notes(self) -> str:
         return "the PyTorch original"
 
-    @torch.inference_mode()
     def run(self, x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self._device)
-        y = self.model.full_resolution_logits(t) if self._image else self.model(t)
-        return y.float().cpu().numpy()
+        import torch
+
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self._device)
+            y = self.model.full_resolution_logits(t) if self._image else self.model(t)
+            return y.float().cpu().numpy()
 
     def close(self) -> None:
         self.model = None
 
 
 def _available(bundle: Bundle) -> str | None:
-    return None if bundle.has("checkpoint") else f"{bundle.path}: the bundle carries no checkpoint"
+    if not bundle.has("checkpoint"):
+        return f"{bundle.path}: the bundle carries no checkpoint"
+    return torch_missing("the torch runtime")
 
 
 def _speed_rank(bundle: Bundle) -> int:

@@ -156,3 +156,28 @@ def sm_bundle(datasets, tmp_path_factory) -> Path:
 def scene_tif(jasper_cube, tmp_path_factory) -> Path:
     """Jasper Ridge as a georeferenced GeoTIFF (100 x 100 x 198)."""
     return write_geotiff(tmp_path_factory.mktemp("scene") / "jasper.tif", jasper_cube)
+
+
+@pytest.fixture(scope="session")
+def hsiedge_wheel(tmp_path_factory) -> Path:
+    """A wheel of this checkout, built offline (no build isolation: setuptools comes from the venv)."""
+    import shutil
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("wheel")
+    # from a copy of the files git would commit: setuptools builds in place, and a build/ left in the
+    # checkout would carry stale files into the wheel
+    src = tmp_path_factory.mktemp("wheel-src") / "hsiedge"
+    tracked = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                          "--no-build-isolation", "--no-index", "-w", str(out), str(src)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PIP_NO_INPUT": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    (wheel,) = out.glob("hsiedge-*.whl")
+    return wheel

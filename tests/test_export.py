@@ -181,7 +181,7 @@ def test_manifest_states_what_a_runtime_needs(bundle, checkpoints):
     assert [c["name"] for c in m["classes"]] == ["Tree", "Water", "Soil", "Road"] or len(m["classes"]) == 4
     assert all(len(c["colour"]) == 3 for c in m["classes"])
     assert m["preprocessing"]["transforms"][0]["kind"] == "standardize"
-    assert set(m["artifacts"]) == {"checkpoint", "onnx", "heldout"}
+    assert set(m["artifacts"]) == {"checkpoint", "onnx", "heldout", "reference"}
     assert m["exporters"]["torch"] and m["exporters"]["onnxruntime"]
     assert m["opset"] == {"ai.onnx": 18, "hsiedge": 1}
 

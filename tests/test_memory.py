@@ -11,7 +11,7 @@ import pytest
 
 from hsiedge import memory
 
-pytestmark = pytest.mark.skipif(memory._glibc() is None or not Path("/proc/self/status").exists(),
+pytestmark = pytest.mark.skipif(memory._glibc_heap() is None or not Path("/proc/self/status").exists(),
                                 reason="needs glibc and /proc (Linux)")
 
 
@@ -70,3 +70,65 @@ def test_peak_rss_is_at_least_the_current_rss():
     current = next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
                    if line.startswith("VmRSS:"))
     assert memory.peak_rss_mib() >= current > 10
+
+
+
+FALLBACK_PROBE = """
+    import ctypes, ctypes.util
+    import numpy as np
+    from pathlib import Path
+    from hsiedge import memory
+
+    lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    hidden = {hidden!r}
+
+    class Hiding:  # the C library with symbols gone, as glibc 2.31 (JetPack 5) lacks mallinfo2
+        def __getattr__(self, name):
+            if name in hidden:
+                raise AttributeError(name)
+            return getattr(lib, name)
+
+    def anon_mib():
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+
+    memory._heap = memory.open_heap(Hiding())
+    print(memory._heap.source or "none", memory.bound_heap(), sep=",")
+    print(memory.heap_warning())
+    first = memory.release_free_heap(bound=32 * 2**20)  # without mallinfo: the baseline
+    blocks = [np.ones(4 * 2**20 // 8) for _ in range(24)]  # 96 MiB in 4 MiB blocks, freed
+    del blocks
+    print(memory.free_heap_bytes())
+    anon = anon_mib()
+    print(first, memory.release_free_heap(bound=200 * 2**20), memory.release_free_heap(bound=32 * 2**20))
+    print(anon - anon_mib())
+"""
+
+
+@pytest.mark.parametrize("hidden", [{"mallinfo2"}, {"mallinfo2", "mallinfo"}], ids=["glibc-2.31", "neither"])
+def test_without_mallinfo2_the_heap_is_still_bounded(hidden):
+    """glibc 2.31 has mallinfo only: it measures the free heap as mallinfo2 does; with neither,
+    trimming follows resident-memory growth, and a warning says so."""
+    found, warning, free, trims, returned = run_python(FALLBACK_PROBE.format(hidden=hidden)).split("\n")[:5]
+    if "mallinfo" not in hidden:
+        assert (found, warning) == ("mallinfo,True", "None")
+        assert int(free) >= 90 * 2**20  # the 96 MiB freed sit on the heap, and mallinfo sees them
+    else:
+        assert (found, free) == ("none,True", "None")
+        assert "neither mallinfo2 nor mallinfo" in warning and "resident memory" in warning
+    # below the bound nothing happens; above it the free pages go back to the system
+    assert trims == "False False True"
+    assert float(returned) >= 80
+
+
+def test_a_heap_that_cannot_be_bounded_is_said_in_the_run_summary(sm_bundle, scene_tif, tmp_path,
+                                                                   monkeypatch):
+    from hsiedge.bundle import open_bundle
+    from hsiedge.infer import infer_scene
+
+    monkeypatch.setattr(memory, "_heap", None)  # a C library without mallopt (musl)
+    assert not memory.bound_heap() and not memory.release_free_heap(bound=0)
+    summary = infer_scene(scene_tif, open_bundle(sm_bundle), tmp_path / "map.tif", runtime="onnxruntime")
+    said = "heap bounding is off: the C library is not glibc"
+    assert [w for w in summary["warnings"] if w.startswith(said)]

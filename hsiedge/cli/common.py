@@ -38,6 +38,15 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
+def need_torch(what: str) -> None:
+    """Fail in one line, with the install line, where `what` needs PyTorch and it is not installed."""
+    from hsiedge.optional import torch_missing
+
+    missing = torch_missing(what)
+    if missing:
+        fail(missing)
+
+
 @contextlib.contextmanager
 def spinner(text: str) -> Iterator[Callable[[str], None] | None]:
     """A status line with a spinner on a terminal; yields its update function (None elsewhere)."""
@@ -148,7 +157,8 @@ TARGET_OPTION = typer.Option(None, "--target", callback=one_of("--target", "rtx"
 CC_OPTION = typer.Option(None, "--compute-capability", help="--target rtx: GPU compute capability to build "
                          "for, e.g. 89 for the RTX 4090 (repeat; default 80 86 89 120).")
 PLUGINS_OPTION = typer.Option(None, "--plugins", help="libhsiedge_trt_plugins.so, needed for plugin-mode "
-                              "bundles (default: $HSIEDGE_TRT_PLUGINS); it is copied into the bundle.")
+                              "bundles (default: $HSIEDGE_TRT_PLUGINS, else the library `hsiedge plugin "
+                              "build` cached); it is copied into the bundle.")
 
 
 def engine_line(target: str, e: dict) -> str:

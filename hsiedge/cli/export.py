@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -19,6 +20,7 @@ from hsiedge.cli.common import (
     engine_line,
     fail,
     finite,
+    need_torch,
     one_of,
     open_verified_bundle,
     safe_outputs,
@@ -26,6 +28,11 @@ from hsiedge.cli.common import (
     spinner,
     writable,
 )
+
+if TYPE_CHECKING:
+    from hsiedge.bundle import Bundle
+    from hsiedge.original import Original
+    from hsiedge.parity import ParityData
 
 
 def _pct(v: float | None) -> str:
@@ -38,7 +45,9 @@ def _sci(v: float | None) -> str:
 
 def _parity_table(report: dict, title: str) -> Table:
     orig = report["original"]
-    t = Table(title=title, caption=f"original: torch on {orig['device']}; "
+    said = (f"torch on {orig['device']}" if orig.get("runtime", "torch") == "torch"
+            else "the PyTorch original's logits stored in the bundle at export")
+    t = Table(title=title, caption=f"original: {said}; "
               + "; ".join(f"{r['runtime']}: {r['artifact']} on {r['device']}"
                           + (f" ({r['notes']})" if r["notes"] else "") for r in report["results"])
               + "; confident flips: changed labels where the original's top-1/top-2 margin exceeds twice "
@@ -66,7 +75,8 @@ def _confident_flips(figures: dict) -> str:
 
 
 def _tiling_table(report: dict) -> Table:
-    rows = [("torch", "original", report["original"]["tiling_effect"])]
+    orig = report["original"]
+    rows = [("torch", "original", orig["tiling_effect"])] if "tiling_effect" in orig else []
     rows += [(r["runtime"], r["precision"], r["tiling_effect"])
              for r in report["results"] if "tiling_effect" in r]
     t = Table(title="tiling effect (not parity): the tiles `hsiedge infer --runtime R` uses on this scene, "
@@ -118,6 +128,7 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Export a checkpoint to a bundle (ONNX + manifest) and prove it with a parity check."""
+    need_torch("hsiedge export")
     from hsiedge.bundle import BundleError
     from hsiedge.checkpoint import CheckpointError
     from hsiedge.export.bundle_export import ExportError, ParityFailedError, export_bundle
@@ -190,10 +201,20 @@ def parity_check(
     every_pixel: bool = typer.Option(False, "--every-pixel", help="Check on every valid pixel of --scene, "
                                      "also when it is the scene the bundle was exported on (whose held-out "
                                      "pixels are used otherwise)."),
+    original: str = typer.Option("auto", "--original",
+                                 callback=one_of("--original", "auto", "stored", "torch"),
+                                 help="What the runtimes are compared with: `stored`, the original's "
+                                 "logits the bundle stores from export (held-out pixels only; no PyTorch "
+                                 "needed); `torch`, the original run now from the bundle's checkpoint; "
+                                 "`auto` (default): torch where PyTorch is installed, else stored."),
     trusted_key: list[Path] = TRUSTED_KEY_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Prove a bundle computes what the PyTorch original computes, on a real scene.
+
+    The original runs from the bundle's checkpoint where PyTorch is installed; on a device
+    without it (or with `--original stored`) the runtimes are compared, on the export scene's
+    held-out pixels, with the original's logits the bundle stores from export.
 
     For MambaHSI it also reports the tiling effect: how far `hsiedge infer`'s tiles change the
     labels against a whole-scene run of the same runtime (not part of the pass/fail verdict).
@@ -248,6 +269,7 @@ def parity_check(
         fail(f"{scene}: the bundle expects {chain.in_bands} bands, the scene has {cube.shape[2]}")
     data = parity_data(chain, cube, bundle.input_kind, bundle.patch_size, nodata=nodata, pixels=pixels,
                        labels=label_ids, source=source)
+    the_original = _stored_original(bundle, data, original, held_out=pixels is not None)
     tiling = None
     if bundle.input_kind == "image":
         from hsiedge.infer import DEFAULT_MEMORY_MIB, Geometry, InferError
@@ -257,13 +279,14 @@ def parity_check(
                                        memory_mib=DEFAULT_MEMORY_MIB if memory is None else memory,
                                        scene_shape=cube.shape[:2])
 
-        for r in ("torch", *names):
+        for r in ("torch", *names) if the_original is None else names:
             try:
                 tiling(r)  # a budget that fits no tile is said before any work
             except InferError as e:
                 fail(str(e))
     try:
-        result = check_bundle(bundle, data, names, thresholds, save_dir=save_polygraphy, tiling=tiling)
+        result = check_bundle(bundle, data, names, thresholds, save_dir=save_polygraphy, tiling=tiling,
+                              original=the_original)
     except RuntimeUnavailableError as e:
         fail(str(e))
     result["infer_default_runtime"] = default_runtime(bundle)
@@ -278,6 +301,31 @@ def parity_check(
             console.print(_tiling_table(result))
     if not result["passed"]:
         fail(f"parity failed: {_failure_line(result)}")
+
+
+def _stored_original(bundle: Bundle, data: ParityData, choice: str, held_out: bool) -> Original | None:
+    """The stored original to compare with, or None to run it now with torch (`auto`: where
+    PyTorch is installed); fails in one line where the choice cannot be honoured here."""
+    from hsiedge.optional import torch_missing
+    from hsiedge.original import REFERENCE, ReferenceError, stored_original
+
+    missing = torch_missing("running the PyTorch original")
+    if choice == "torch" or (choice == "auto" and missing is None):
+        if missing:
+            fail(missing)
+        return None
+    if not held_out:
+        if choice == "stored":
+            fail("--original stored compares on the held-out pixels of the export scene only: pass that "
+                 "scene with --scene and leave out --every-pixel, or use --original torch")
+        fail(f"{missing}; the bundle's stored logits cover only the held-out pixels of the export scene, "
+             "not this one")
+    if choice == "auto" and not bundle.has(REFERENCE):
+        fail(f"{missing}; the bundle stores no reference logits (exported by an older hsiedge)")
+    try:
+        return stored_original(bundle, data)
+    except ReferenceError as e:
+        fail(str(e))
 
 
 def _is_export_scene(scene: Path, key: str | None, held: dict) -> bool:

@@ -15,6 +15,7 @@ from hsiedge.cli.common import (
     duration,
     err_console,
     fail,
+    need_torch,
     one_of,
     progress_seconds,
     safe_outputs,
@@ -25,6 +26,7 @@ from hsiedge.cli.common import (
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List the seed models: what each takes as input and its size in its default config."""
+    need_torch("hsiedge models")
     from hsiedge.models import MODELS, build_model, count_parameters
 
     rows = [{"name": s.name, "input": s.input_desc, "default_config": s.defaults,
@@ -92,6 +94,7 @@ def train(
     The run's state (latest and best weights, optimiser, random generators) is saved to
     OUTPUT.train-state after every epoch, so a killed run continues with --resume to the
     checkpoint an uninterrupted run gives; the state is removed once OUTPUT is written."""
+    need_torch("hsiedge train")
     import numpy as np
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 

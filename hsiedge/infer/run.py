@@ -28,7 +28,7 @@ from hsiedge.infer.policy import DEFAULT_BATCH, DEFAULT_MEMORY_MIB, Geometry
 from hsiedge.infer.staging import RunLock, Staging, remove_leftovers
 from hsiedge.io import Scene, SceneReadError, open_scene
 from hsiedge.io.writer import write_class_map, write_probabilities
-from hsiedge.memory import bound_heap, peak_rss_mib
+from hsiedge.memory import bound_heap, heap_warning, peak_rss_mib
 
 if TYPE_CHECKING:  # the runtimes package imports its runners (torch among them) when imported
     from hsiedge.runtimes.base import Runner
@@ -156,6 +156,8 @@ def infer_scene(
     warnings = [] if scene.crs is not None else [
         f"{scene_path.name} has no georeferencing (no CRS), so neither has the map: its pixels have no "
         f"position on the ground"]
+    if (heap := heap_warning()) is not None:
+        warnings.append(heap)
     return {**summary, "georeferenced": scene.crs is not None, "warnings": warnings,
             "peak_memory_mib": None if (peak := peak_rss_mib()) is None else round(peak)}
 
