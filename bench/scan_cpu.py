@@ -9,8 +9,9 @@ Each (backend, extreme) runs in a fresh subprocess so that its peak resident mem
 read from the OS: "extra" is the growth of peak RSS during the calls, beyond the inputs and
 with the library already loaded; the output itself is part of it, so it is shown too.
 Times are medians over several calls.  The ratio is against the sequential reference,
-measured in the same run.  The last column is the size of the (batch, dim, L, N) state
-history that a naive parallel scan would materialise.
+measured in the same run.  Where the cpu backend runs a lane kernel (AVX-512 or AVX2), the
+portable forward is measured beside it (`HSIEDGE_SCAN_PORTABLE=1`).  The last column is the
+size of the (batch, dim, L, N) state history that a naive parallel scan would materialise.
 
 Roofline.  The same run measures this machine's two bounds: copy bandwidth (a large NumPy
 copy, bytes read + written per second) and SGEMM peak (torch.mm of large float32 matrices,
@@ -114,9 +115,14 @@ def traffic(shape: dict) -> tuple[float, float, float]:
     return 4.0 * values, float(b * d * L * N * FLOPS_EXP1), float(b * d * L * N * FLOPS_EXP10)
 
 
+PORTABLE = "cpu portable"  # the cpu backend built without its lane kernel (HSIEDGE_SCAN_PORTABLE=1)
+
+
 def run_child(backend: str, name: str, shape: dict, runs: int, out_path: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", backend, name, str(runs), out_path, json.dumps(shape)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "HSIEDGE_SCAN_PORTABLE": "1"} if backend == PORTABLE else None
+    cmd = [sys.executable, __file__, "--child", "cpu" if backend == PORTABLE else backend, name, str(runs),
+           out_path, json.dumps(shape)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(f"bench child {backend}/{name} failed:\n{r.stderr}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -150,8 +156,14 @@ def main() -> None:
     if r.returncode != 0:
         raise SystemExit(f"bench bounds child failed:\n{r.stderr}")
     bw, peak = json.loads(r.stdout.strip().splitlines()[-1])
+    from hsiedge.ops import cpu
+
+    kind = cpu.forward_kind()
     console.print(f"bounds measured now: copy bandwidth {bw:.1f} GB/s, SGEMM peak {peak:.1f} GFLOP/s; "
-                  f"load average {os.getloadavg()[0]:.2f}")
+                  f"load average {os.getloadavg()[0]:.2f}; the cpu backend's forward: {kind}")
+    backends = [("reference", a.ref_runs), ("cpu", a.runs)]
+    if kind != "portable":
+        backends.append((PORTABLE, a.runs))
     table = Table(title=f"selective scan on CPU — {platform.processor() or platform.machine()}, "
                         f"{os.cpu_count()} cores")
     for col in ("extreme", "shape (batch, dim, L, N)", "backend", "median s", "min s",
@@ -162,7 +174,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, shape in (QUICK if a.quick else EXTREMES).items():
             res = {}
-            for backend, runs in (("reference", a.ref_runs), ("cpu", a.runs)):
+            for backend, runs in backends:
                 console.print(f"[dim]{name}: {backend} x{runs}...[/dim]")
                 out = os.path.join(tmp, f"{name}-{backend}.npy")
                 res[backend] = run_child(backend, name, shape, runs, out)
@@ -181,7 +193,8 @@ def main() -> None:
             for backend, r in res.items():
                 y = np.load(os.path.join(tmp, f"{name}-{backend}.npy"))
                 med = statistics.median(r["times"])
-                table.add_row(name, str(tuple(shape.values())), f"{backend} ({r['threads']} thr)",
+                label = f"cpu, {kind}" if backend == "cpu" else backend
+                table.add_row(name, str(tuple(shape.values())), f"{label} ({r['threads']} thr)",
                               f"{med:.3f}", f"{min(r['times']):.3f}", f"{ref_med / med:.1f}",
                               f"{r['extra_mb']:.0f}", f"{r['out_mb']:.0f}",
                               f"{float(np.abs(y - ref).max()) / scale:.1e}",

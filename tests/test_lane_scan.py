@@ -1,12 +1,16 @@
-"""The AVX-512 lane kernel of the CPU backend (channels in vector lanes, inline exp).
+"""The lane kernels of the CPU backend (channels in vector lanes, inline exp).
 
-Built only where the compiler targets AVX-512F/DQ (`-march=native` on such a host); the
-checks that need its test entry points skip elsewhere, the scan checks run on any build.
+Built where the compiler targets AVX-512F/DQ (16 lanes) or AVX2 with FMA (8 lanes), with
+`-march=native` on such a host; the checks that need their test entry points skip
+elsewhere, the scan checks run on any build.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
+import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,12 +21,28 @@ from test_selective_scan import make_inputs, rel_err
 from hsiedge.ops import cpu as cpu_kernel
 
 
+def test_the_forward_is_the_lane_kernel_the_cpu_allows():
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    lines = [ln for ln in info.splitlines() if ln.startswith("flags")]
+    flags = set(lines[0].split(":", 1)[1].split()) if lines else set()
+    has = flags.__contains__
+    if platform.machine() != "x86_64" or os.environ.get("HSIEDGE_SCAN_PORTABLE") == "1":
+        expected = "portable"
+    elif has("avx512f") and has("avx512dq"):
+        expected = "AVX-512 lanes (16)"
+    elif has("avx2") and has("fma"):
+        expected = "AVX2 lanes (8)"
+    else:
+        expected = "portable"
+    assert cpu_kernel.forward_kind() == expected
+
+
 def _lane_fn(name: str):
     lib = cpu_kernel.load()
     try:
         fn = getattr(lib, name)
     except AttributeError:
-        pytest.skip("the lane kernel is not built on this host (no AVX-512F/DQ)")
+        pytest.skip("no lane kernel is built on this host (neither AVX-512F/DQ nor AVX2 with FMA)")
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     return fn
@@ -117,3 +137,35 @@ def test_out_of_range_decay_takes_the_safe_path():
     assert np.isfinite(y).all()
     assert rel_err(torch.from_numpy(y), ref) <= 1e-5
     np.testing.assert_array_equal(y, cpu_kernel.scan_numpy(**n, n_threads=2))
+
+
+_PORTABLE_CHILD = """
+import ctypes, sys
+import numpy as np
+from hsiedge.ops import cpu
+a = dict(np.load(sys.argv[1]))
+softplus = bool(a.pop("delta_softplus"))
+np.save(sys.argv[2], cpu.scan_numpy(**a, delta_softplus=softplus, n_threads=2))
+print(cpu.library_path().name, hasattr(cpu.load(), "hsiedge_lane_exp_f32"), cpu.forward_kind())
+"""
+
+
+@pytest.mark.parametrize("N,dim,L", [(16, 20, 300), (5, 10, 4)])
+def test_portable_forward_still_matches_float64(tmp_path, N, dim, L):
+    """HSIEDGE_SCAN_PORTABLE=1 builds the forward without lanes: on hosts with a lane kernel,
+    that is the only way the portable path is checked (elsewhere it is the default)."""
+    import subprocess
+    import sys
+
+    a = make_inputs(N * 7 + L, 3, dim, L, N, True, True, True, True, True)
+    ref = np_selective_scan(**a)
+    np.savez(tmp_path / "in.npz", **{k: (v.numpy() if isinstance(v, torch.Tensor) else v)
+                                     for k, v in a.items() if v is not None})
+    env = {**os.environ, "HSIEDGE_SCAN_PORTABLE": "1"}
+    r = subprocess.run([sys.executable, "-c", _PORTABLE_CHILD, str(tmp_path / "in.npz"),
+                        str(tmp_path / "y.npy")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    name, has_lanes, kind = r.stdout.split()
+    assert name != cpu_kernel.library_path().name  # a build of its own, cached apart
+    assert (has_lanes, kind) == ("False", "portable")
+    assert rel_err(torch.from_numpy(np.load(tmp_path / "y.npy")), ref) <= 1e-5

@@ -4,7 +4,9 @@ No maintained library offers a CPU selective scan (mamba-ssm ships CUDA kernels 
 slow reference), so hsiedge compiles its own small C kernel on first use with the system C
 compiler, tuned for the host (`-march=native`; `-mcpu=native` first on Arm, where it also sets
 the tuning and where clang before 15 knows only that form), and caches the shared library under
-`$HSIEDGE_CACHE_DIR` (default `~/.cache/hsiedge`).  It is called through `ctypes` on NumPy
+`$HSIEDGE_CACHE_DIR` (default `~/.cache/hsiedge`).  `HSIEDGE_SCAN_PORTABLE=1` builds the portable
+forward even where a lane kernel (AVX-512 or AVX2) would be chosen: to compare the two, or to
+rule the lane kernel out.  It is called through `ctypes` on NumPy
 or torch buffers, so the same kernel also serves runtimes that do not import torch.
 """
 
@@ -26,6 +28,13 @@ from hsiedge.ops.native import NativeLibrary
 
 SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.c"
 _COMPILE_FLAGS = ["-O3", "-ffast-math", "-fPIC", "-std=c11", "-Wall"]
+PORTABLE_ENV = "HSIEDGE_SCAN_PORTABLE"
+
+
+def compile_flags() -> list[str]:
+    """The C flags of every kernel build (plus -DHSI_PORTABLE where $HSIEDGE_SCAN_PORTABLE=1)."""
+    return [*_COMPILE_FLAGS, *(["-DHSI_PORTABLE"] if os.environ.get(PORTABLE_ENV) == "1" else [])]
+
 # Host-tuning flags, tried in order until the compiler takes one; the portable build otherwise.
 _NATIVE_FLAGS = (("-mcpu=native",), ("-march=native",)) \
     if platform.machine().lower() in ("aarch64", "arm64") else (("-march=native",), ("-mcpu=native",))
@@ -46,7 +55,7 @@ def host_key(sources: Sequence[Path]) -> str:
     h = hashlib.sha256()
     for src in sources:
         h.update(src.read_bytes())
-    h.update(" ".join(_COMPILE_FLAGS).encode())
+    h.update(" ".join(compile_flags()).encode())
     h.update(repr(_NATIVE_FLAGS).encode())
     h.update(os.environ.get("CC", "cc").encode())
     h.update(platform.machine().encode())
@@ -70,7 +79,7 @@ def compile_library(sources: Sequence[Path], target: Path) -> None:
         for src, obj in zip(sources, objs, strict=True):
             last = ""
             for arch in (*_NATIVE_FLAGS, ()):
-                r = subprocess.run([cc, *_COMPILE_FLAGS, *arch, "-c", str(src), "-o", str(obj)],
+                r = subprocess.run([cc, *compile_flags(), *arch, "-c", str(src), "-o", str(obj)],
                                    capture_output=True, text=True)
                 if r.returncode == 0:
                     break
@@ -94,6 +103,8 @@ def _configure(lib: ctypes.CDLL) -> None:
     fn = lib.hsiedge_selective_scan_f32
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 5 + [ctypes.c_int, ctypes.c_int]
+    lib.hsiedge_scan_lanes.restype = ctypes.c_int
+    lib.hsiedge_scan_lanes.argtypes = []
     bwd = lib.hsiedge_selective_scan_bwd_f32
     bwd.restype = ctypes.c_int
     bwd.argtypes = [ctypes.c_void_p] * 17 + [ctypes.c_int64] * 5 + [ctypes.c_int, ctypes.c_int]
@@ -106,6 +117,12 @@ _LIBRARY = NativeLibrary(library_path, lambda target: compile_library([SOURCE], 
 def load() -> ctypes.CDLL:
     """Build (first time on this host) and load the kernel; raise ScanBuildError if impossible."""
     return _LIBRARY.load()
+
+
+def forward_kind() -> str:
+    """Which forward this host's build runs: 'AVX-512 lanes (16)', 'AVX2 lanes (8)' or 'portable'."""
+    lanes = int(load().hsiedge_scan_lanes())
+    return {16: "AVX-512 lanes (16)", 8: "AVX2 lanes (8)"}.get(lanes, "portable")
 
 
 def available() -> bool:

@@ -30,11 +30,12 @@
  * Threads are plain pthreads over contiguous ranges of items: this library
  * is loaded next to PyTorch's own OpenMP runtime and must not start another.
  *
- * That is the portable forward.  Where the compiler targets AVX-512F/DQ (x86-64
- * built with -march=native on such a host) the forward is lane_forward below
- * instead: channels in the vector lanes, all states of 16 channels in
- * registers, an inline table-and-polynomial exp, and its own softplus and silu
- * (see the comment above it).  The backward always uses the scalar scheme.
+ * That is the portable forward.  Where the compiler targets AVX-512F/DQ, or
+ * AVX2 with FMA (x86-64 built with -march=native on such a host), the forward
+ * is lane_forward below instead: channels in the vector lanes (16 or 8), the
+ * states in registers, an inline table-and-polynomial exp, and its own
+ * softplus and silu (see the comments above the two kernels).  The backward
+ * always uses the scalar scheme.
  */
 #include <math.h>
 #include <pthread.h>
@@ -239,9 +240,33 @@ static void *scan_worker(void *p)
  * so results do not depend on the thread count.  N is done in chunks of 16 states (N = 16
  * fully unrolled, in registers); the last partial chunk keeps its states in memory.
  * ------------------------------------------------------------------------------------------ */
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__x86_64__)
+/* Which forward: a lane kernel where the compiler targets AVX-512F/DQ (16 lanes) or AVX2
+ * with FMA (8 lanes), unless built with -DHSI_PORTABLE (HSIEDGE_SCAN_PORTABLE=1). */
+#if !defined(HSI_PORTABLE) && defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512DQ__)
+#define HSI_AVX512 1
+#elif !defined(HSI_PORTABLE) && defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+#define HSI_AVX2 1
+#endif
+
+#if defined(HSI_AVX512) || defined(HSI_AVX2)
+typedef struct {
+    const scan_args *a;
+    const float *A2;    /* (lane group, N, lanes): A * A2_SCALE, padded lanes 0 */
+    const float *Arng;  /* (lane group, 2, lanes): min and max over n of A2 */
+    int64_t lg_per_group, lg_per_item, items_per_group, n_items;
+} lane_args;
+
+typedef struct {
+    const lane_args *la;
+    int64_t item_begin, item_end;
+    int status;
+} lane_job;
+#endif
+
+#if defined(HSI_AVX512)
 #include <immintrin.h>
 #define HSI_LANES 16
+#define A2_SCALE EXP_SCALE            /* A is pre-scaled so that dt * A2 is exp_fast's argument */
 #define LANE_TILE 256                     /* time steps per tile */
 #define EXP_SCALE 46.166241308446828f     /* 32 / ln 2 */
 #define EXP_LO (-126.0f * 32.0f)          /* table exp valid for x in [EXP_LO, EXP_HI) */
@@ -336,19 +361,6 @@ int hsiedge_lane_exp_f32(const float *x, float *out, int64_t n, int safe)
     }
     return 0;
 }
-
-typedef struct {
-    const scan_args *a;
-    const float *A2;    /* (lane group, N, 16): A * 32 / ln 2, padded lanes 0 */
-    const float *Arng;  /* (lane group, 2, 16): min and max over n of A2 */
-    int64_t lg_per_group, lg_per_item, items_per_group, n_items;
-} lane_args;
-
-typedef struct {
-    const lane_args *la;
-    int64_t item_begin, item_end;
-    int status;
-} lane_job;
 
 /* One chunk of NS (<= 16) states of one lane group over tl time steps.  y gets the partial
  * sum (set when first, else added).  NS == 16 is unrolled with the states in registers. */
@@ -600,29 +612,380 @@ static void *lane_worker(void *p)
     return NULL;
 }
 
+#elif defined(HSI_AVX2)
+/* ------------------------------------------------------------------------------------------
+ * The same lane scheme with AVX2 and FMA (x86-64 without AVX-512: most AMD Zen 1-3 and Intel
+ * client CPUs): 8 channels in the lanes of a 256-bit vector.  With 16 vector registers, the
+ * states are done in chunks of 8 (in registers), each chunk adding its partial sum to y.
+ * exp_fast reads an 8-entry table (one vpermps): x = dt * A * 8 / ln 2 is split as
+ * 8 k + j + f (|f| <= 1/2), 2^(k + j/8) from the table with k added to the exponent bits, and
+ * 2^(f/8) by a degree-3 polynomial (relative error 7e-8 before rounding).  exp_safe has no scalef to lean
+ * on, so it scales by two powers of two (each a normal float), which also rounds results in
+ * the subnormal range correctly.  The rest (range check per tile, softplus, silu, transposes
+ * at the tile edges) follows the AVX-512 kernel above.
+ * ------------------------------------------------------------------------------------------ */
+#include <immintrin.h>
+#define HSI_LANES 8
+#define LANE_TILE 256
+#define EXP_SCALE 46.166241308446828f     /* 32 / ln 2: the argument of the test entry point */
+#define A2_SCALE (EXP_SCALE * 0.25f)      /* 8 / ln 2 (exactly a quarter of EXP_SCALE) */
+#define EXP_LO (-126.0f * 8.0f)           /* table exp valid for x in [EXP_LO, EXP_HI) */
+#define EXP_HI (127.0f * 8.0f)
+#define STATE_CHUNK 8
+
+/* bits(2^(j/8)) - (j << 20): adding (m << 20), m = 8 k + j, gives bits(2^(k + j/8)). */
+static int32_t exp_table[8];
+static pthread_once_t exp_table_once = PTHREAD_ONCE_INIT;
+static void exp_table_init(void)
+{
+    for (int j = 0; j < 8; ++j) {
+        const float v = (float)exp2((double)j / 8.0);
+        int32_t bits;
+        memcpy(&bits, &v, sizeof bits);
+        exp_table[j] = bits - (j << 20);
+    }
+}
+
+static inline __attribute__((always_inline)) __m256 floor8(__m256 x)
+{
+    return _mm256_round_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+}
+
+/* 2^(x/8) for x in [EXP_LO, EXP_HI).  m is x rounded to nearest, so f is in [-1/2, 1/2]. */
+static inline __attribute__((always_inline)) __m256 exp_fast(__m256 x, __m256i table)
+{
+    const __m256 r = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(x, r);
+    const __m256i m = _mm256_cvttps_epi32(r);
+    const __m256 s = _mm256_castsi256_ps(
+        _mm256_add_epi32(_mm256_permutevar8x32_epi32(table, m), _mm256_slli_epi32(m, 20)));
+    __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(0x1.c24714p-14f), f, _mm256_set1_ps(0x1.ec0e16p-9f));
+    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(0x1.62e472p-4f));
+    return _mm256_fmadd_ps(_mm256_mul_ps(s, f), q, s);
+}
+
+/* 2^(x/8) for any x: 0 far below, inf far above, NaN for NaN. */
+static inline __attribute__((always_inline)) __m256 exp_safe(__m256 x)
+{
+    x = _mm256_mul_ps(x, _mm256_set1_ps(1.0f / 8.0f));
+    x = _mm256_max_ps(_mm256_set1_ps(-200.0f), x); /* max/min return x when it is NaN */
+    x = _mm256_min_ps(_mm256_set1_ps(200.0f), x);
+    const __m256 fl = floor8(x);
+    const __m256 f = _mm256_sub_ps(x, fl);
+    __m256 p = _mm256_set1_ps(0x1.c544aap-13f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0x1.46d5e8p-10f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0x1.3d0b7cp-7f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0x1.c6891ap-5f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0x1.ebfd56p-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0x1.62e42cp-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i k = _mm256_cvttps_epi32(fl), k1 = _mm256_srai_epi32(k, 1), k2 = _mm256_sub_epi32(k, k1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k1, bias), 23));
+    const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k2, bias), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+/* softplus(x) = max(x, 0) + log1p(exp(-|x|)), the polynomial of the AVX-512 kernel. */
+static inline __attribute__((always_inline)) __m256 softplus_lanes(__m256 x)
+{
+    const __m256 nx = _mm256_or_ps(x, _mm256_set1_ps(-0.0f));
+    const __m256 e = exp_safe(_mm256_mul_ps(nx, _mm256_set1_ps(A2_SCALE)));
+    __m256 p = _mm256_set1_ps(0x1.6537e0p-8f);
+    p = _mm256_fmadd_ps(p, e, _mm256_set1_ps(-0x1.f2400ep-6f));
+    p = _mm256_fmadd_ps(p, e, _mm256_set1_ps(0x1.46ba0cp-4f));
+    p = _mm256_fmadd_ps(p, e, _mm256_set1_ps(-0x1.1aa7dep-3f));
+    p = _mm256_fmadd_ps(p, e, _mm256_set1_ps(0x1.88b9a6p-3f));
+    p = _mm256_fmadd_ps(p, e, _mm256_set1_ps(-0x1.fd30c6p-3f));
+    p = _mm256_fmadd_ps(p, e, _mm256_set1_ps(0x1.5537a6p-2f));
+    p = _mm256_fmadd_ps(p, e, _mm256_set1_ps(-0x1.ffff28p-2f));
+    const __m256 l = _mm256_fmadd_ps(_mm256_mul_ps(e, e), p, e);
+    return _mm256_add_ps(_mm256_max_ps(_mm256_setzero_ps(), x), l); /* NaN stays NaN */
+}
+
+/* silu(z) = z / (1 + exp(-z)), a true division (vdivps; see the AVX-512 comment). */
+static inline __attribute__((always_inline)) __m256 silu_lanes(__m256 z)
+{
+    const __m256 e = exp_safe(_mm256_mul_ps(z, _mm256_set1_ps(-A2_SCALE)));
+    __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), e), q;
+    __asm__("vdivps %2, %1, %0" : "=x"(q) : "x"(z), "x"(den));
+    return q;
+}
+
+/* For tests: softplus (which == 1) or silu (2) of n floats (n a multiple of 8). */
+int hsiedge_lane_act_f32(const float *x, float *out, int64_t n, int which)
+{
+    for (int64_t i = 0; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        _mm256_storeu_ps(out + i, which == 1 ? softplus_lanes(v) : silu_lanes(v));
+    }
+    return 0;
+}
+
+/* For tests: exp(x) of n floats (n a multiple of 8) by the fast path when safe == 0. */
+int hsiedge_lane_exp_f32(const float *x, float *out, int64_t n, int safe)
+{
+    pthread_once(&exp_table_once, exp_table_init);
+    const __m256i table = _mm256_loadu_si256((const __m256i *)exp_table);
+    for (int64_t i = 0; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(A2_SCALE));
+        _mm256_storeu_ps(out + i, safe ? exp_safe(v) : exp_fast(v, table));
+    }
+    return 0;
+}
+
+/* One chunk of NS (<= 8) states of one lane group over tl time steps; y gets the partial sum
+ * (set when first, else added).  NS == 8 is unrolled with the states in registers. */
+static inline __attribute__((always_inline)) void lane_chunk(
+    const float *restrict dt, const float *restrict du, const float *restrict Bt,
+    const float *restrict Ct, int64_t N, const float *restrict A2, float *restrict h,
+    float *restrict y, int64_t tl, const int64_t NS, const int first, const int safe, __m256i table)
+{
+    __m256 hs[STATE_CHUNK];
+    for (int64_t n = 0; n < NS; ++n) hs[n] = _mm256_loadu_ps(h + 8 * n);
+    for (int64_t t = 0; t < tl; ++t) {
+        const __m256 d = _mm256_loadu_ps(dt + 8 * t), dtu = _mm256_loadu_ps(du + 8 * t);
+        const float *restrict Bn = Bt + t * N, *restrict Cn = Ct + t * N;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+#pragma GCC unroll 8
+        for (int64_t n = 0; n < NS; ++n) {
+            const __m256 x = _mm256_mul_ps(d, _mm256_loadu_ps(A2 + 8 * n));
+            const __m256 e = safe ? exp_safe(x) : exp_fast(x, table);
+            hs[n] = _mm256_fmadd_ps(e, hs[n], _mm256_mul_ps(dtu, _mm256_broadcast_ss(Bn + n)));
+            if (n & 1)
+                acc1 = _mm256_fmadd_ps(hs[n], _mm256_broadcast_ss(Cn + n), acc1);
+            else
+                acc0 = _mm256_fmadd_ps(hs[n], _mm256_broadcast_ss(Cn + n), acc0);
+        }
+        __m256 acc = _mm256_add_ps(acc0, acc1);
+        if (!first) acc = _mm256_add_ps(_mm256_loadu_ps(y + 8 * t), acc);
+        _mm256_storeu_ps(y + 8 * t, acc);
+    }
+    for (int64_t n = 0; n < NS; ++n) _mm256_storeu_ps(h + 8 * n, hs[n]);
+}
+
+static __attribute__((noinline)) void chunk8(const float *dt, const float *du, const float *Bt,
+    const float *Ct, int64_t N, const float *A2, float *h, float *y, int64_t tl, int first, int safe,
+    __m256i table)
+{
+    if (safe) {
+        if (first) lane_chunk(dt, du, Bt, Ct, N, A2, h, y, tl, 8, 1, 1, table);
+        else lane_chunk(dt, du, Bt, Ct, N, A2, h, y, tl, 8, 0, 1, table);
+    } else {
+        if (first) lane_chunk(dt, du, Bt, Ct, N, A2, h, y, tl, 8, 1, 0, table);
+        else lane_chunk(dt, du, Bt, Ct, N, A2, h, y, tl, 8, 0, 0, table);
+    }
+}
+
+/* The same for a runtime number ns < 8 of states. */
+static __attribute__((noinline)) void chunk_any(const float *dt, const float *du, const float *Bt,
+    const float *Ct, int64_t N, const float *A2, float *h, float *y, int64_t tl, int64_t ns,
+    int first, int safe, __m256i table)
+{
+    if (safe) lane_chunk(dt, du, Bt, Ct, N, A2, h, y, tl, ns, first, 1, table);
+    else lane_chunk(dt, du, Bt, Ct, N, A2, h, y, tl, ns, first, 0, table);
+}
+
+/* 8 x 8 transpose in registers: r[i][j] -> r[j][i]. */
+static inline __attribute__((always_inline)) void transpose8(__m256 r[8])
+{
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+        r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+    }
+}
+
+/* p[0..n) in the first n lanes, zeros after (n <= 8).  No vmaskmovps: on AMD's Zen it is
+ * microcoded, and it was the slowest instruction of the short scans. */
+static inline __attribute__((always_inline)) __m256 load_first(const float *p, int n)
+{
+    if (n == 8) return _mm256_loadu_ps(p);
+    if (n == 4) return _mm256_zextps128_ps256(_mm_loadu_ps(p));
+    float buf[8] = {0};
+    memcpy(buf, p, sizeof(float) * (size_t)n);
+    return _mm256_loadu_ps(buf);
+}
+
+/* dst[k*ds + r] = src[r*ss + k] for r < nr, k < nc (nr, nc <= 8).  Rows k of dst are written
+ * whole (zeros past nr) when full, else only their first nr entries.  Partial rows are
+ * stored through a buffer (no vmaskmovps, as in load_first). */
+static inline __attribute__((always_inline)) void tr8(const float *src, int64_t ss, int nr, int nc,
+                                                      float *dst, int64_t ds, int full)
+{
+    __m256 r[8];
+    for (int i = 0; i < 8; ++i) r[i] = i < nr ? load_first(src + i * ss, nc) : _mm256_setzero_ps();
+    transpose8(r);
+    if (full || nr == 8) {
+        for (int k = 0; k < nc; ++k) _mm256_storeu_ps(dst + k * ds, r[k]);
+    } else {
+        float buf[8];
+        for (int k = 0; k < nc; ++k) {
+            _mm256_storeu_ps(buf, r[k]);
+            memcpy(dst + k * ds, buf, sizeof(float) * (size_t)nr);
+        }
+    }
+}
+
+/* buf[t*8 + c] = src[c*L + t] (+ off[c]) for c < nl, t < tl; 0 in lanes c >= nl. */
+static void tile_in(const float *restrict src, int64_t L, int64_t nl, int64_t tl,
+                    const float *restrict off, float *restrict buf)
+{
+    for (int64_t tb = 0; tb < tl; tb += 8) {
+        const int cnt = tl - tb < 8 ? (int)(tl - tb) : 8;
+        if (nl == 8 && cnt == 8)
+            tr8(src + tb, L, 8, 8, buf + tb * 8, 8, 1);
+        else if (nl == 8 && cnt == 4) /* L = 4: MambaHSI's spectral tokens */
+            tr8(src + tb, L, 8, 4, buf + tb * 8, 8, 1);
+        else
+            tr8(src + tb, L, (int)nl, cnt, buf + tb * 8, 8, 1);
+    }
+    if (off) {
+        const __m256 o = load_first(off, (int)nl);
+        for (int64_t t = 0; t < tl; ++t) _mm256_storeu_ps(buf + 8 * t, _mm256_add_ps(_mm256_loadu_ps(buf + 8 * t), o));
+    }
+}
+
+/* dst[c*L + t] = buf[t*8 + c] for c < nl, t < tl. */
+static void tile_out(const float *restrict buf, int64_t L, int64_t nl, int64_t tl, float *restrict dst)
+{
+    for (int64_t tb = 0; tb < tl; tb += 8) {
+        const int cnt = tl - tb < 8 ? (int)(tl - tb) : 8;
+        if (nl == 8 && cnt == 8)
+            tr8(buf + tb * 8, 8, 8, 8, dst + tb, L, 0);
+        else if (nl == 8 && cnt == 4)
+            tr8(buf + tb * 8, 8, 4, 8, dst + tb, L, 0);
+        else
+            tr8(buf + tb * 8, 8, cnt, (int)nl, dst + tb, L, 0);
+    }
+}
+
+static void *lane_worker(void *p)
+{
+    lane_job *job = (lane_job *)p;
+    const lane_args *la = job->la;
+    const scan_args *a = la->a;
+    const int64_t N = a->N, L = a->L, cpg = a->chan_per_group;
+    const int64_t T = L < LANE_TILE ? L : LANE_TILE;
+    const int64_t G = la->lg_per_item;
+    /* per lane group: dt, dt*u, u, gate, y tiles; per item: B, C tiles and the states */
+    float *scratch = (float *)aligned_alloc(32, sizeof(float) * (size_t)((5 * 8 * T + 2 * T * N + G * N * 8 + 7) / 8 * 8));
+    if (!scratch) {
+        job->status = -1;
+        return NULL;
+    }
+    float *dts = scratch, *dus = dts + 8 * T, *us = dus + 8 * T, *gate = us + 8 * T, *ys = gate + 8 * T;
+    float *Bt = ys + 8 * T, *Ct = Bt + T * N, *state = Ct + T * N;
+    const __m256i table = _mm256_loadu_si256((const __m256i *)exp_table);
+
+    for (int64_t item = job->item_begin; item < job->item_end; ++item) {
+        const int64_t bg = item / la->items_per_group, blk = item % la->items_per_group;
+        const int64_t b = bg / a->groups, g = bg % a->groups;
+        const int64_t lg0 = blk * G;
+        const int64_t lg1 = lg0 + G < la->lg_per_group ? lg0 + G : la->lg_per_group;
+        const float *Bsrc = a->B + bg * N * L, *Csrc = a->C + bg * N * L;
+        memset(state, 0, sizeof(float) * (size_t)((lg1 - lg0) * N * 8));
+
+        for (int64_t t0 = 0; t0 < L; t0 += T) {
+            const int64_t tl = (L - t0) < T ? (L - t0) : T;
+            for (int64_t n0 = 0; n0 < N; n0 += 8)
+                for (int64_t tb = 0; tb < tl; tb += 8) {
+                    const int nr = N - n0 < 8 ? (int)(N - n0) : 8, cnt = tl - tb < 8 ? (int)(tl - tb) : 8;
+                    tr8(Bsrc + n0 * L + t0 + tb, L, nr, cnt, Bt + tb * N + n0, N, 0);
+                    tr8(Csrc + n0 * L + t0 + tb, L, nr, cnt, Ct + tb * N + n0, N, 0);
+                }
+            for (int64_t lg = lg0; lg < lg1; ++lg) {
+                const int64_t c0 = lg * 8, nl = cpg - c0 < 8 ? cpg - c0 : 8;
+                const int64_t d0 = g * cpg + c0;
+                const int64_t row = (b * a->dim + d0) * L + t0;
+                const int64_t glg = g * la->lg_per_group + lg; /* lane group over all channels */
+                const float *A2 = la->A2 + glg * N * 8;
+                float *h = state + (lg - lg0) * N * 8;
+
+                tile_in(a->delta + row, L, nl, tl, a->delta_bias ? a->delta_bias + d0 : NULL, dts);
+                if (a->softplus)
+                    for (int64_t t = 0; t < tl; ++t) _mm256_storeu_ps(dts + 8 * t, softplus_lanes(_mm256_loadu_ps(dts + 8 * t)));
+                tile_in(a->u + row, L, nl, tl, NULL, us);
+                /* dt*u, and whether every dt*A is in the fast exp's range */
+                const __m256 amin = _mm256_loadu_ps(la->Arng + glg * 16);
+                const __m256 amax = _mm256_loadu_ps(la->Arng + glg * 16 + 8);
+                const __m256 lo = _mm256_set1_ps(EXP_LO), hi = _mm256_set1_ps(EXP_HI);
+                __m256 bad = _mm256_setzero_ps();
+                for (int64_t t = 0; t < tl; ++t) {
+                    const __m256 d = _mm256_loadu_ps(dts + 8 * t);
+                    _mm256_storeu_ps(dus + 8 * t, _mm256_mul_ps(d, _mm256_loadu_ps(us + 8 * t)));
+                    const __m256 x0 = _mm256_mul_ps(d, amin), x1 = _mm256_mul_ps(d, amax);
+                    /* NOT (lo <= x < hi), so NaN counts as out of range */
+                    bad = _mm256_or_ps(bad, _mm256_or_ps(
+                        _mm256_or_ps(_mm256_cmp_ps(x0, lo, _CMP_NGE_UQ), _mm256_cmp_ps(x1, lo, _CMP_NGE_UQ)),
+                        _mm256_or_ps(_mm256_cmp_ps(x0, hi, _CMP_NLT_UQ), _mm256_cmp_ps(x1, hi, _CMP_NLT_UQ))));
+                }
+                const int safe = _mm256_movemask_ps(bad) != 0;
+                for (int64_t s0 = 0; s0 < N; s0 += 8) {
+                    const int64_t ns = N - s0 < 8 ? N - s0 : 8;
+                    if (ns == 8)
+                        chunk8(dts, dus, Bt + s0, Ct + s0, N, A2 + s0 * 8, h + s0 * 8, ys, tl, s0 == 0, safe, table);
+                    else
+                        chunk_any(dts, dus, Bt + s0, Ct + s0, N, A2 + s0 * 8, h + s0 * 8, ys, tl, ns, s0 == 0,
+                                  safe, table);
+                }
+                /* y = (y + D u) * silu(z) */
+                const __m256 Dv = a->D ? load_first(a->D + d0, (int)nl) : _mm256_setzero_ps();
+                for (int64_t t = 0; t < tl; ++t)
+                    _mm256_storeu_ps(ys + 8 * t, _mm256_fmadd_ps(Dv, _mm256_loadu_ps(us + 8 * t),
+                                                                 _mm256_loadu_ps(ys + 8 * t)));
+                if (a->z) {
+                    tile_in(a->z + row, L, nl, tl, NULL, gate);
+                    for (int64_t t = 0; t < tl; ++t)
+                        _mm256_storeu_ps(ys + 8 * t, _mm256_mul_ps(_mm256_loadu_ps(ys + 8 * t),
+                                                                   silu_lanes(_mm256_loadu_ps(gate + 8 * t))));
+                }
+                tile_out(ys, L, nl, tl, a->y + row);
+            }
+        }
+    }
+    free(scratch);
+    job->status = 0;
+    return NULL;
+}
+#endif /* lane kernels */
+
+#ifdef HSI_LANES
+/* Both lane kernels: A pre-scaled and its range per lane group, then whole lane groups
+ * as items over the threads. */
 static int lane_forward(scan_args *a, int n_threads)
 {
     pthread_once(&exp_table_once, exp_table_init);
     const int64_t N = a->N, cpg = a->chan_per_group;
     lane_args la;
     la.a = a;
-    la.lg_per_group = (cpg + 15) / 16;
+    la.lg_per_group = (cpg + HSI_LANES - 1) / HSI_LANES;
     const int64_t n_lg = a->groups * la.lg_per_group;
-    float *consts = (float *)malloc(sizeof(float) * (size_t)(n_lg * (N + 2) * 16));
+    float *consts = (float *)malloc(sizeof(float) * (size_t)(n_lg * (N + 2) * HSI_LANES));
     if (!consts) return -2;
-    float *A2 = consts, *Arng = consts + n_lg * N * 16;
+    float *A2 = consts, *Arng = consts + n_lg * N * HSI_LANES;
     for (int64_t glg = 0; glg < n_lg; ++glg) {
-        const int64_t g = glg / la.lg_per_group, c0 = (glg % la.lg_per_group) * 16;
-        for (int64_t c = 0; c < 16; ++c) {
+        const int64_t g = glg / la.lg_per_group, c0 = (glg % la.lg_per_group) * HSI_LANES;
+        for (int64_t c = 0; c < HSI_LANES; ++c) {
             float mn = 0.0f, mx = 0.0f;
             for (int64_t n = 0; n < N; ++n) {
-                const float v = c0 + c < cpg ? (float)(a->A[(g * cpg + c0 + c) * N + n] * (double)EXP_SCALE) : 0.0f;
-                A2[(glg * N + n) * 16 + c] = v;
+                const float v = c0 + c < cpg ? (float)(a->A[(g * cpg + c0 + c) * N + n] * (double)A2_SCALE) : 0.0f;
+                A2[(glg * N + n) * HSI_LANES + c] = v;
                 mn = n == 0 || v < mn ? v : mn;
                 mx = n == 0 || v > mx ? v : mx;
             }
-            Arng[glg * 32 + c] = mn;
-            Arng[glg * 32 + 16 + c] = mx;
+            Arng[glg * 2 * HSI_LANES + c] = mn;
+            Arng[glg * 2 * HSI_LANES + HSI_LANES + c] = mx;
         }
     }
     la.A2 = A2;
@@ -651,7 +1014,18 @@ static int lane_forward(scan_args *a, int n_threads)
     free(consts);
     return status;
 }
-#endif /* AVX-512 */
+#endif /* HSI_LANES */
+
+
+/* Channels per vector of the forward's lane kernel: 16 (AVX-512), 8 (AVX2), 0 (portable). */
+int hsiedge_scan_lanes(void)
+{
+#ifdef HSI_LANES
+    return HSI_LANES;
+#else
+    return 0;
+#endif
+}
 
 /* Returns 0 on success, -1 on a bad argument, -2 when memory or threads
  * could not be had. */
