@@ -4,10 +4,10 @@ No maintained library offers a CPU selective scan (mamba-ssm ships CUDA kernels 
 slow reference), so hsiedge compiles its own small C kernel on first use with the system C
 compiler, tuned for the host (`-march=native`; `-mcpu=native` first on Arm, where it also sets
 the tuning and where clang before 15 knows only that form), and caches the shared library under
-`$HSIEDGE_CACHE_DIR` (default `~/.cache/hsiedge`).  `HSIEDGE_SCAN_PORTABLE=1` builds the portable
-forward even where a lane kernel (AVX-512 or AVX2) would be chosen: to compare the two, or to
-rule the lane kernel out.  It is called through `ctypes` on NumPy
+`$HSIEDGE_CACHE_DIR` (default `~/.cache/hsiedge`).  It is called through `ctypes` on NumPy
 or torch buffers, so the same kernel also serves runtimes that do not import torch.
+`HSIEDGE_SCAN_PORTABLE=1` builds the portable forward even where a lane kernel (AVX-512 or
+AVX2) would be chosen: to compare the two, or to rule the lane kernel out.
 """
 
 from __future__ import annotations
