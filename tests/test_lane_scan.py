@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,9 +156,6 @@ print(cpu.library_path().name, hasattr(cpu.load(), "hsiedge_lane_exp_f32"), cpu.
 def test_portable_forward_still_matches_float64(tmp_path, N, dim, L):
     """HSIEDGE_SCAN_PORTABLE=1 builds the forward without lanes: on hosts with a lane kernel,
     that is the only way the portable path is checked (elsewhere it is the default)."""
-    import subprocess
-    import sys
-
     a = make_inputs(N * 7 + L, 3, dim, L, N, True, True, True, True, True)
     ref = np_selective_scan(**a)
     np.savez(tmp_path / "in.npz", **{k: (v.numpy() if isinstance(v, torch.Tensor) else v)

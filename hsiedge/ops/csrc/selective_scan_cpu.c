@@ -646,11 +646,6 @@ static void exp_table_init(void)
     }
 }
 
-static inline __attribute__((always_inline)) __m256 floor8(__m256 x)
-{
-    return _mm256_round_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-}
-
 /* 2^(x/8) for x in [EXP_LO, EXP_HI).  m is x rounded to nearest, so f is in [-1/2, 1/2]. */
 static inline __attribute__((always_inline)) __m256 exp_fast(__m256 x, __m256i table)
 {
@@ -670,7 +665,7 @@ static inline __attribute__((always_inline)) __m256 exp_safe(__m256 x)
     x = _mm256_mul_ps(x, _mm256_set1_ps(1.0f / 8.0f));
     x = _mm256_max_ps(_mm256_set1_ps(-200.0f), x); /* max/min return x when it is NaN */
     x = _mm256_min_ps(_mm256_set1_ps(200.0f), x);
-    const __m256 fl = floor8(x);
+    const __m256 fl = _mm256_round_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     const __m256 f = _mm256_sub_ps(x, fl);
     __m256 p = _mm256_set1_ps(0x1.c544aap-13f);
     p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0x1.46d5e8p-10f));
