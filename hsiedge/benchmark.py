@@ -159,7 +159,15 @@ def measure(runner: Runner, x: BenchInput, seconds: float = DEFAULT_SECONDS, war
                **{f"p{p}": float(np.percentile(ms, p)) for p in PERCENTILES}}
     return BenchResult(runner.name, runner.device, runner.precision, runner.notes, round(open_seconds, 6),
                        warm_calls, len(latencies), round(total, 6), x.pixels * len(latencies) / total,
-                       {k: round(v, 3) for k, v in latency.items()}, rss_before, peak_rss_mib())
+                       {k: round(v, 3) for k, v in latency.items()}, rss_before, _peak_since(rss_before))
+
+
+def _peak_since(rss_before: float | None) -> float | None:
+    """The peak resident memory since `rss_before` was read, at least that reading: Linux counts
+    resident pages per thread and folds them in lazily, so a later peak can trail an earlier
+    reading by a few pages."""
+    peak = peak_rss_mib()
+    return peak if peak is None or rss_before is None else max(peak, rss_before)
 
 
 def bench_runtime(bundle: Bundle, runtime: str, x: BenchInput, seconds: float = DEFAULT_SECONDS,

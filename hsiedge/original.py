@@ -43,7 +43,7 @@ def run_original(bundle: Bundle, data: ParityData, on_batch: Callable[[int], Non
 
     with open_runner(bundle, "torch") as runner:
         t0 = time.perf_counter()
-        outs = run_batches(runner, data, on_batch)
+        outs = run_batches(runner, data, on_batch, tiles=False)  # the original: patch by patch
         info = {"runtime": "torch", "device": runner.device, "precision": runner.precision,
                 "artifact": runner.artifact, "notes": runner.notes,
                 "seconds": round(time.perf_counter() - t0, 3)}

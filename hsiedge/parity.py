@@ -82,15 +82,48 @@ def parity_data(chain: Chain, cube: np.ndarray, kind: str, patch_size: int = 0, 
     return ParityData(batches, kind, (h, w), pixels, labels, source)
 
 
-def run_batches(runner: Any, data: ParityData, on_batch: Callable[[int], None] | None = None
-                ) -> list[np.ndarray]:
-    """The runner's outputs for every batch of `data`."""
+def run_batches(runner: Any, data: ParityData, on_batch: Callable[[int], None] | None = None, *,
+                tiles: bool = True) -> list[np.ndarray]:
+    """The runner's outputs for every batch of `data`.  A runner that runs a patch model's tiles
+    (and `tiles`) is run as `hsiedge infer` runs it, on tiles, its logits cut into the batches."""
+    if tiles and data.kind == "patch" and runner.runs_tiles and isinstance(data.batches, PixelBatches):
+        return _tile_form_batches(runner, data, data.batches, on_batch)
     out = []
     for x in data.batches:
         out.append(runner.run(x))
         if on_batch:
             on_batch(x.shape[0])
     return out
+
+
+def _tile_form_batches(runner: Any, data: ParityData, batches: PixelBatches,
+                       on_batch: Callable[[int], None] | None) -> list[np.ndarray]:
+    """The logits of `data.pixels` from the runner's tile form, over those of infer's tiles that
+    hold any of them, cut into `batches`' batches."""
+    from hsiedge.infer.policy import DEFAULT_CORE, Geometry
+
+    image, patch = batches.inputs.image, batches.inputs.patch
+    geometry = Geometry("patch", patch, DEFAULT_CORE, patch // 2)
+    h, w = data.shape
+    rows, cols = np.divmod(data.pixels, w)
+    tile_of = (rows // DEFAULT_CORE) * -(-w // DEFAULT_CORE) + cols // DEFAULT_CORE  # plan_tiles' order
+    order = np.argsort(tile_of, kind="stable")
+    starts = np.searchsorted(tile_of[order], np.arange(tile_of.max(initial=-1) + 2))
+    out: np.ndarray | None = None
+    for t in geometry.tiles(h, w):
+        if t.index + 1 >= starts.size or starts[t.index] == starts[t.index + 1]:
+            continue
+        mine = order[starts[t.index]:starts[t.index + 1]]
+        read_rows, read_cols = t.read.slices()
+        logits = geometry.run(runner, image[:, read_rows, read_cols], t, batches.batch)
+        if out is None:
+            out = np.empty((data.pixels.size, logits.shape[0]), dtype=np.float32)
+        out[mine] = logits[:, rows[mine] - t.core.row, cols[mine] - t.core.col].T
+        if on_batch:
+            on_batch(mine.size)
+    if out is None:
+        return []
+    return [out[i * batches.batch:(i + 1) * batches.batch] for i in range(len(batches))]
 
 
 def pixel_logits(outputs: list[np.ndarray], data: ParityData) -> np.ndarray:

@@ -126,6 +126,14 @@ def plan_tiles(height: int, width: int, core: int, margin: int) -> list[Tile]:
     return tiles
 
 
+def halo_padded(image: np.ndarray, tile: Tile, r: int) -> np.ndarray:
+    """The tile's preprocessed read window (C, h, w) as its core with an `r`-pixel halo on every
+    side: where the window was clipped by the scene edge, the halo is reflect-padded exactly as
+    `pixel_patches` pads the whole scene (needs margins of at most `r`)."""
+    top, bottom, left, right = tile.margins()
+    return reflect_pad(image, r - top, r - bottom, r - left, r - right) if r else image
+
+
 def tile_patch_batches(image: np.ndarray, tile: Tile, patch_size: int, batch: int) -> Iterator[np.ndarray]:
     """Every core pixel's neighbourhood from the tile's preprocessed read window (C, h, w),
     `batch` pixels at a time in raster order (patch_size 0: the pixels' spectra).
@@ -135,9 +143,8 @@ def tile_patch_batches(image: np.ndarray, tile: Tile, patch_size: int, batch: in
     the scene edge, the missing halo is reflect-padded exactly as `pixel_patches` pads the
     whole scene, so a tiled run sees the same patches.
     """
-    r = patch_size // 2
-    top, bottom, left, right = tile.margins()
-    padded = reflect_pad(image, r - top, r - bottom, r - left, r - right) if r else image
+    padded = halo_padded(image, tile, patch_size // 2)
+    top, _, left, _ = tile.margins()
     h, w = tile.core.height, tile.core.width
     for i in range(0, h * w, batch):
         idx = np.arange(i, min(i + batch, h * w))

@@ -52,6 +52,17 @@ class Runner(ABC):
     def run(self, x: np.ndarray) -> np.ndarray:
         """A batch of model input -> float32 logits ((n, K) per pixel, (n, K, H, W) per tile)."""
 
+    @property
+    def runs_tiles(self) -> bool:
+        """Whether `run_tile` classifies a patch model's whole tile in one call, sharing the work
+        of overlapping patches; `infer` and parity then give it tiles instead of patch batches."""
+        return False
+
+    def run_tile(self, tile: np.ndarray) -> np.ndarray:
+        """A patch model's tile with its halo (C, h + 2r, w + 2r), r = patch // 2 -> float32
+        logits (K, h, w) of its core pixels, as `run` gives them for their patches."""
+        raise NotImplementedError(f"the {self.name} runtime classifies patches in batches, not tiles")
+
     def close(self) -> None:  # noqa: B027  (optional hook: most runners hold nothing to release)
         """Release sessions, engines and device memory."""
 

@@ -41,6 +41,7 @@ class TorchRunner(Runner):
                                           f"model's {what}; the manifest was edited after export")
         self.model = ckpt.build().to(self._device)
         self._image = bundle.input_kind == "image"
+        self._tiles = bundle.input_kind == "patch" and callable(getattr(self.model, "forward_tile", None))
 
     @property
     def device(self) -> str:
@@ -60,7 +61,13 @@ class TorchRunner(Runner):
 
     @property
     def notes(self) -> str:
+        if self._tiles:
+            return "the PyTorch original; infer and parity run it on whole tiles (the model's tile form)"
         return "the PyTorch original"
+
+    @property
+    def runs_tiles(self) -> bool:
+        return self._tiles
 
     def run(self, x: np.ndarray) -> np.ndarray:
         import torch
@@ -69,6 +76,15 @@ class TorchRunner(Runner):
             t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self._device)
             y = self.model.full_resolution_logits(t) if self._image else self.model(t)
             return y.float().cpu().numpy()
+
+    def run_tile(self, tile: np.ndarray) -> np.ndarray:
+        import torch
+
+        if not self._tiles:
+            return super().run_tile(tile)
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(tile, dtype=np.float32)).to(self._device)
+            return self.model.forward_tile(t[None])[0].float().cpu().numpy()
 
     def close(self) -> None:
         self.model = None
@@ -82,11 +98,13 @@ def _available(bundle: Bundle) -> str | None:
 
 def _speed_rank(bundle: Bundle) -> int:
     """Behind ONNX Runtime where its session runs the bundle's scans on hsiedge's CPU kernel: in
-    `hsiedge infer` it was then faster for MambaHSI and MD2F-Mamba and level for SpectralMamba
-    (README, "Speed on the CPU"), and it runs fp16 / int8 bundles at their precision, which this
-    runtime does not.  Ahead of
-    it otherwise (portable-scan bundles, no C compiler), where ONNX Runtime runs the scans as
-    their portable decomposition."""
+    `hsiedge infer` it was then faster for MambaHSI and MD2F-Mamba (README, "Speed on the CPU"),
+    and it runs fp16 / int8 bundles at their precision, which this runtime does not.  Ahead of
+    it for fp32 patch models with a tile form (SpectralMamba: about 3x its patch form), and
+    where ONNX Runtime runs the scans as their portable decomposition (portable-scan bundles, no
+    C compiler)."""
+    if bundle.precision == "fp32" and _has_tile_form(bundle):
+        return 1
     try:
         from hsiedge.runtimes.onnxruntime import runs_scan_kernel
     except ImportError:  # an install without ONNX Runtime
@@ -94,6 +112,15 @@ def _speed_rank(bundle: Bundle) -> int:
     if bundle.precision != "fp32" or (bundle.has("onnx") and runs_scan_kernel(bundle)):
         return 3
     return 1
+
+
+def _has_tile_form(bundle: Bundle) -> bool:
+    """Whether this runtime would run `bundle` on whole tiles (a patch model with a tile form)."""
+    if bundle.input_kind != "patch" or torch_missing("the torch runtime") is not None:
+        return False
+    from hsiedge.models.registry import has_tile_form
+
+    return has_tile_form(bundle.model_name)
 
 
 register_runtime(RuntimeSpec("torch", TorchRunner, _available, speed_rank=_speed_rank))

@@ -160,8 +160,9 @@ def test_export_passes_parity(exported, model, scan, precision):
     thresholds = parity["thresholds"]
     assert thresholds["min_agreement"] == {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}[precision]
     # no engine here: ONNX Runtime where it runs the scans on hsiedge's kernel (plugin graphs)
-    # and for reduced precision, which only the ONNX graph carries; else the PyTorch original
-    torch_first = precision == "fp32" and scan == "portable"
+    # and for reduced precision, which only the ONNX graph carries; else the PyTorch original,
+    # which also goes first for fp32 SpectralMamba (its tile form)
+    torch_first = precision == "fp32" and (scan == "portable" or model == "spectralmamba")
     assert default_runtime(bundle) == ("torch" if torch_first else "onnxruntime")
     if precision in ("fp32", "fp16"):  # the standard the FPGA MambaHSI work reports
         assert result["figures"]["flips_confident"] == 0, result["figures"]

@@ -29,7 +29,7 @@ def whole_scene_classes(bundle_path: Path, cube: np.ndarray, runtime: str) -> np
     bundle = open_bundle(bundle_path)
     data = parity_data(bundle.preprocessing, cube, bundle.input_kind, bundle.patch_size, batch=256)
     with open_runner(bundle, runtime) as r:
-        logits = pixel_logits(run_batches(r, data), data)
+        logits = pixel_logits(run_batches(r, data, tiles=False), data)
     return (logits.argmax(1) + 1).reshape(cube.shape[:2])
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from hsiedge.bundle import Bundle
 from hsiedge.infer.errors import InferError
 from hsiedge.io.raster import block_cache_mib
-from hsiedge.tiling import IMAGE_MULTIPLE, Tile, image_batch, plan_tiles, tile_patch_batches
+from hsiedge.tiling import IMAGE_MULTIPLE, Tile, halo_padded, image_batch, plan_tiles, tile_patch_batches
 
 if TYPE_CHECKING:
     from hsiedge.runtimes.base import Runner
@@ -94,13 +94,33 @@ class Geometry:
     def run(self, runner: Runner, image: np.ndarray, tile: Tile, batch: int,
             after_batch: Callable[[], object] | None = None) -> np.ndarray:
         """(K, core h, core w) logits of one tile from its preprocessed read window (C, h, w);
-        `after_batch` runs after each runner call."""
+        `after_batch` runs after each runner call.  A runner that runs a patch model's tiles gets
+        the tile, in blocks of at most DEFAULT_CORE x DEFAULT_CORE core pixels (a larger --tile
+        would otherwise hold every pixel's activations at once)."""
+        if self.kind == "patch" and runner.runs_tiles:
+            return self._run_tile_form(runner, image, tile, after_batch)
         outputs = []
         for x in self.inputs(image, tile, batch):
             outputs.append(runner.run(x))
             if after_batch is not None:
                 after_batch()
         return self.logits(outputs, tile)
+
+    def _run_tile_form(self, runner: Runner, image: np.ndarray, tile: Tile,
+                       after_batch: Callable[[], object] | None) -> np.ndarray:
+        r = self.patch // 2
+        padded = halo_padded(image, tile, r)
+        h, w = tile.core.height, tile.core.width
+        rows = []
+        for r0 in range(0, h, DEFAULT_CORE):
+            row = []
+            for c0 in range(0, w, DEFAULT_CORE):
+                bh, bw = min(DEFAULT_CORE, h - r0), min(DEFAULT_CORE, w - c0)
+                row.append(runner.run_tile(padded[:, r0:r0 + bh + 2 * r, c0:c0 + bw + 2 * r]))
+                if after_batch is not None:
+                    after_batch()
+            rows.append(np.concatenate(row, axis=2))
+        return np.concatenate(rows, axis=1)
 
     def logits(self, outputs: list[np.ndarray], tile: Tile) -> np.ndarray:
         """(K, core h, core w) logits of the tile's core."""

@@ -53,6 +53,12 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+def has_tile_form(name: str) -> bool:
+    """Whether model `name` classifies a whole tile of patches at once (`forward_tile`)."""
+    spec = MODELS.get(name)
+    return spec is not None and callable(getattr(spec.factory, "forward_tile", None))
+
+
 def build_model(name: str, **config: Any) -> nn.Module:
     """Build a seed model by name; `config` overrides its defaults (bands, classes, ...)."""
     try:
