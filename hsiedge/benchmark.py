@@ -21,7 +21,9 @@ from hsiedge.memory import peak_rss_mib, reset_peak_rss, rss_mib
 
 if TYPE_CHECKING:
     from hsiedge.bundle import Bundle
+    from hsiedge.infer.policy import Geometry
     from hsiedge.runtimes.base import Runner
+    from hsiedge.tiling import Tile
 
 DEFAULT_SECONDS = 10.0
 DEFAULT_WARMUP = 2.0
@@ -36,15 +38,27 @@ class BenchInputError(ValueError):
 
 @dataclass(frozen=True)
 class BenchInput:
-    """One model input, reused for every call, and what it stands for."""
+    """One model input, reused for every call, and what it stands for.  A patch model's tile
+    (`tile` set) is the tile's preprocessed read window, run as `hsiedge infer` runs a tile."""
 
     array: np.ndarray
     pixels: int  # pixels classified per call
     source: str
+    tile: Tile | None = None
+    geometry: Geometry | None = None
+    batch: int = 0  # patches per runner call within a patch model's tile
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.array.shape)
+
+    def call(self, runner: Runner) -> None:
+        """One timed call: `run` on the array; for a patch model's tile, the runner's tile form
+        where it has one, else the tile's patches cut and run `batch` at a time."""
+        if self.tile is None or self.geometry is None:
+            runner.run(self.array)
+        else:
+            self.geometry.run(runner, self.array, self.tile, self.batch)
 
 
 @dataclass(frozen=True)
@@ -70,17 +84,22 @@ class BenchResult:
 
 def bench_input(bundle: Bundle, batch: int | None = None, tile: int | None = None,
                 scene: str | Path | None = None, key: str | None = None, seed: int = 0) -> BenchInput:
-    """The input every call gets: `batch` patches or spectra (patch / pixel models), or one
-    `tile` x `tile` image (image models); cut from the middle of `scene` after the bundle's
-    preprocessing when given, else standard-normal values (what standardised bands look like)."""
+    """The input every call gets: `batch` patches or spectra (patch / pixel models), one
+    `tile` x `tile` image (image models), or a patch model's `tile` x `tile` core with its halo
+    (then `batch` is the patches per runner call, as in `hsiedge infer`); cut from the middle of
+    `scene` after the bundle's preprocessing when given, else standard-normal values (what
+    standardised bands look like)."""
     from hsiedge.infer.policy import DEFAULT_BATCH
     from hsiedge.tiling import IMAGE_MULTIPLE, image_batch
 
     image_model = bundle.input_kind == "image"
     if image_model and batch is not None:
         raise BenchInputError(f"{bundle.model_name} classifies whole tiles: give --tile, not --batch")
-    if not image_model and tile is not None:
-        raise BenchInputError(f"{bundle.model_name} classifies pixels in batches: give --batch, not --tile")
+    if bundle.input_kind == "pixel" and tile is not None:
+        raise BenchInputError(f"{bundle.model_name} classifies single pixels' spectra: "
+                              "give --batch, not --tile")
+    if bundle.input_kind == "patch" and tile is not None:
+        return _patch_tile(bundle, tile, DEFAULT_BATCH if batch is None else batch, scene, key, seed)
     if image_model:
         tile = DEFAULT_IMAGE_TILE if tile is None else tile
         if tile < IMAGE_MULTIPLE or tile % IMAGE_MULTIPLE:
@@ -91,18 +110,40 @@ def bench_input(bundle: Bundle, batch: int | None = None, tile: int | None = Non
         if batch < 1:
             raise BenchInputError(f"--batch must be at least 1, got {batch}")
         side = math.ceil(math.sqrt(batch))
-    chain = bundle.preprocessing
-    if scene is None:
-        rng = np.random.default_rng(seed)
-        image = rng.standard_normal((chain.out_bands, side, side), dtype=np.float32)
-        source = "standard-normal values"
-    else:
-        image, source = _scene_window(bundle, Path(scene), key, side)
+    image, source = _window(bundle, side, scene, key, seed)
     if image_model:
         x = image_batch(image)
         return BenchInput(x, x.shape[2] * x.shape[3], source)
     x = _pixel_batch(image, bundle.input_kind, bundle.patch_size)[:batch]
     return BenchInput(x, x.shape[0], source)
+
+
+def _patch_tile(bundle: Bundle, tile: int, batch: int, scene: str | Path | None, key: str | None,
+                seed: int) -> BenchInput:
+    """A patch model's tile x tile core with its halo of patch // 2 pixels, as `infer` reads it."""
+    from hsiedge.infer.policy import Geometry
+    from hsiedge.io import Window
+    from hsiedge.tiling import Tile
+
+    if tile < 1:
+        raise BenchInputError(f"--tile must be at least 1, got {tile}")
+    if batch < 1:
+        raise BenchInputError(f"--batch must be at least 1, got {batch}")
+    r = bundle.patch_size // 2
+    side = tile + 2 * r
+    image, source = _window(bundle, side, scene, key, seed)
+    return BenchInput(image, tile * tile, source, Tile(0, Window(r, r, tile, tile), Window(0, 0, side, side)),
+                      Geometry("patch", bundle.patch_size, tile, r), batch)
+
+
+def _window(bundle: Bundle, side: int, scene: str | Path | None, key: str | None,
+            seed: int) -> tuple[np.ndarray, str]:
+    """A preprocessed (C, side, side) image: from the middle of `scene`, or standard-normal."""
+    if scene is None:
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal((bundle.preprocessing.out_bands, side, side), dtype=np.float32), \
+            "standard-normal values"
+    return _scene_window(bundle, Path(scene), key, side)
 
 
 def _pixel_batch(image: np.ndarray, kind: str, patch_size: int) -> np.ndarray:
@@ -127,8 +168,9 @@ def _scene_window(bundle: Bundle, scene: Path, key: str | None, side: int) -> tu
         nodata = s.nodata
     x, _ = bundle.preprocessing.apply(raw, nodata)
     if h * w < side * side and bundle.input_kind != "image":
-        raise BenchInputError(f"{scene}: {s.height} x {s.width} pixels cannot fill a batch of "
-                              f"{side * side}; give a smaller --batch")
+        what = "--batch" if bundle.input_kind == "pixel" else "--batch or --tile"
+        raise BenchInputError(f"{scene}: {s.height} x {s.width} pixels cannot fill a window of "
+                              f"{side} x {side}; give a smaller {what}")
     image = np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
     return image, f"{scene.name}, rows {r0}-{r0 + h - 1}, columns {c0}-{c0 + w - 1}"
 
@@ -141,7 +183,7 @@ def measure(runner: Runner, x: BenchInput, seconds: float = DEFAULT_SECONDS, war
     start = time.perf_counter()
     warm_calls = 0
     while warm_calls < 1 or time.perf_counter() - start < warmup:
-        runner.run(x.array)
+        x.call(runner)
         warm_calls += 1
         if on_call:
             on_call("warm-up", time.perf_counter() - start)
@@ -149,7 +191,7 @@ def measure(runner: Runner, x: BenchInput, seconds: float = DEFAULT_SECONDS, war
     t0 = time.perf_counter()
     while len(latencies) < MIN_CALLS or time.perf_counter() - t0 < seconds:
         c0 = time.perf_counter()
-        runner.run(x.array)
+        x.call(runner)
         latencies.append(time.perf_counter() - c0)
         if on_call:
             on_call("timed", time.perf_counter() - t0)

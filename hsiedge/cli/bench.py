@@ -28,9 +28,12 @@ def bench(
     runtime: list[str] = typer.Option(None, "--runtime", callback=RUNTIMES, help="Runtime(s) to measure "
                                       "(repeat; default: every one that can run the bundle here)."),
     batch: int | None = typer.Option(None, "--batch", help="Patch and pixel models: pixels per call "
-                                     "(default 128, as `hsiedge infer`)."),
+                                     "(default 128, as `hsiedge infer`); with --tile, patches per runner "
+                                     "call within the tile."),
     tile: int | None = typer.Option(None, "--tile", help="Image models (MambaHSI): tile side per call, a "
-                                    "multiple of 4 (default 128)."),
+                                    "multiple of 4 (default 128). Patch models: one tile of N x N pixels per "
+                                    "call, run as `hsiedge infer` runs it (the runner's tile form where it "
+                                    "has one, else patches cut and run in batches)."),
     seconds: float = typer.Option(10.0, "--seconds", callback=finite("--seconds", 0, above=True),
                                   help="Timed seconds per runtime (at least 3 calls)."),
     warmup: float = typer.Option(2.0, "--warmup", callback=finite("--warmup", 0),
