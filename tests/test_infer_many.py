@@ -31,7 +31,9 @@ SCENES = {"jasper": None,
           "urban-2": ("abu/abu-urban-2.mat", "data", 50, 50),
           "urban-4": ("abu/abu-urban-4.mat", "data", 37, 81)}
 SIZES = [(100, 100), (90, 90), (100, 64), (72, 100), (50, 50), (37, 81)]
-SLOW = ["--tile", "16", "--batch", "64"]  # many small tiles (up to 49 a scene), so a scene can be interrupted
+# Many small tiles (up to 49 a scene) on the patch-by-patch runtime, so a scene can be interrupted
+# (with torch's SpectralMamba tile form every scene was done before the client could be killed).
+SLOW = ["--tile", "16", "--batch", "64", "--runtime", "onnxruntime"]
 
 
 @pytest.fixture(scope="module")
