@@ -61,7 +61,8 @@ class Runner(ABC):
     def run_tile(self, tile: np.ndarray) -> np.ndarray:
         """A patch model's tile with its halo (C, h + 2r, w + 2r), r = patch // 2 -> float32
         logits (K, h, w) of its core pixels, as `run` gives them for their patches."""
-        raise NotImplementedError(f"the {self.name} runtime classifies patches in batches, not tiles")
+        raise RuntimeUnavailableError(f"{self.bundle.path}: the {self.name} runtime classifies this model's "
+                                      "patches in batches, not whole tiles (see `runs_tiles`)")
 
     def close(self) -> None:  # noqa: B027  (optional hook: most runners hold nothing to release)
         """Release sessions, engines and device memory."""

@@ -17,7 +17,7 @@ from hsiedge.models.registry import build_model, has_tile_form
 from hsiedge.models.spectralmamba import GatedSpatialSpectralMerging
 from hsiedge.parity import parity_data, pixel_logits, run_batches
 from hsiedge.runtimes import default_runtime, open_runner
-from hsiedge.runtimes.base import Runner
+from hsiedge.runtimes.base import Runner, RuntimeUnavailableError
 from hsiedge.tiling import pixel_patches
 
 
@@ -160,3 +160,5 @@ def test_torch_runs_spectralmamba_tiles_in_infer_and_parity(sm_bundle, jasper_cu
     assert (tiles.argmax(1) == patches.argmax(1)).all()
     with open_runner(bundle, "onnxruntime") as ort:
         assert not ort.runs_tiles
+        with pytest.raises(RuntimeUnavailableError, match="patches in batches, not whole tiles"):
+            ort.run_tile(np.zeros((bundle.preprocessing.out_bands, 10, 10), np.float32))
