@@ -326,11 +326,13 @@ def main() -> None:
     for col in ("model", "precision", "input", "torch", "onnxruntime", "ORT latency ms median / p99"):
         runners.add_column(col, justify="left" if col in ("model", "precision", "input") else "right")
     bench_load = load()
+    from hsiedge.infer import DEFAULT_BATCH
+
     for m in args.models:
         for prec in PRECISIONS:
             res = {r["runtime"]: r for r in bench_runners(bundles[m, prec], scenes[m], args.bench_seconds)}
             ort = res.get("onnxruntime")
-            runners.add_row(m, prec, "tile 128" if m == "mambahsi" else "batch 128",
+            runners.add_row(m, prec, "tile 128" if m == "mambahsi" else f"batch {DEFAULT_BATCH}",
                             f"{res['torch']['pixels_per_second']:,.0f}" if "torch" in res else "-",
                             f"{ort['pixels_per_second']:,.0f}" if ort else "-",
                             f"{ort['latency_ms']['median']:.1f} / {ort['latency_ms']['p99']:.1f}"

@@ -28,7 +28,7 @@ def bench(
     runtime: list[str] = typer.Option(None, "--runtime", callback=RUNTIMES, help="Runtime(s) to measure "
                                       "(repeat; default: every one that can run the bundle here)."),
     batch: int | None = typer.Option(None, "--batch", help="Patch and pixel models: pixels per call "
-                                     "(default 128, as `hsiedge infer`); with --tile, patches per runner "
+                                     "(default 64, as `hsiedge infer`); with --tile, patches per runner "
                                      "call within the tile."),
     tile: int | None = typer.Option(None, "--tile", help="Image models (MambaHSI): tile side per call, a "
                                     "multiple of 4 (default 128). Patch models: one tile of N x N pixels per "

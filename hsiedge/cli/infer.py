@@ -42,7 +42,7 @@ def infer(
                                         help="MambaHSI: memory budget in MiB from which "
                                         "the default tile is chosen (default 900)."),
     batch: int | None = typer.Option(None, "--batch", min=1, help="Pixels per runner call (patch and pixel "
-                                     "models; default 128); memory grows with it."),
+                                     "models; default 64); memory grows with it."),
     probs: bool = typer.Option(False, "--probs", help="Also write per-class probabilities (uint8, 255 = 1) "
                                "to MAP.probs.tif."),
     quicklook: Path | None = typer.Option(None, "--quicklook", help="Also write a PNG of the map with a "
@@ -130,7 +130,7 @@ def infer_many(
     overlap: int | None = typer.Option(None, "--overlap", min=0, help="MambaHSI: overlap between tiles."),
     memory: float | None = typer.Option(None, "--memory", callback=finite("--memory", 0, above=True),
                                         help="MambaHSI: memory budget in MiB of each worker (default 900)."),
-    batch: int | None = typer.Option(None, "--batch", min=1, help="Pixels per runner call (default 128)."),
+    batch: int | None = typer.Option(None, "--batch", min=1, help="Pixels per runner call (default 64)."),
     probs: bool = typer.Option(False, "--probs", help="Also write MAP.probs.tif for each scene."),
     quicklook: bool = typer.Option(False, "--quicklook", help="Also write a PNG of each map "
                                    "(SCENE.classes.png)."),

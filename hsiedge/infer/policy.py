@@ -32,7 +32,12 @@ QUEUE_DEPTH = 2
 # ~1.6 MB in ONNX Runtime (its portable scan materialises (dim, L, N) per patch), so 256 took a
 # streamed run past 1 GB; 128 cost torch at most a tenth of its speed and made ONNX Runtime
 # faster.  (0.2.0's MD2F-Mamba, after the paper, runs one scan where that one ran three.)
-DEFAULT_BATCH = 128
+# 64 since: at 128, 0.2.0's MD2F-Mamba frees tensors over 32 MiB at every call in ONNX Runtime,
+# which glibc maps afresh each time (hsiedge.memory keeps its mmap threshold at 32 MiB), so a
+# call page-faulted ~65 MB: `infer` on the 160 x 160 mosaic of bench/infer.py made 3.3 M page
+# faults at 128 and 0.07-0.28 M at 64, 1,157 against 1,715 px/s (medians of 5 interleaved runs,
+# peak memory alike); SpectralMamba's patch form in ONNX Runtime was within the noise.
+DEFAULT_BATCH = 64
 # Peak memory of a streamed MambaHSI run, per runtime: (fixed MiB, bytes per tile pixel at
 # hidden_dim 128), measured on CPU with `hsiedge infer` on a 4.4 GB scene at tiles of 64-192
 # (README "Streaming inference").  The fixed part is the process with torch, onnxruntime,
