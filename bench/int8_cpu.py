@@ -14,8 +14,8 @@ same way but with ONNX Runtime's profiler on, says which kernels run: the int8 o
 share of the profiled time.  The ceiling line is Amdahl's law on the fp32 profile: the
 int8 / fp32 ratio that would follow if the layers int8 quantizes (the float Conv, MatMul and
 Gemm kernels) cost nothing and nothing else changed; a model whose ceiling is under a target
-cannot reach it by int8 kernels, however fast.  `--dump DIR` also writes each session's optimized graph
-(ONNX Runtime's `optimized_model_filepath`) and profile there.  Agreement is the export
+cannot reach it by int8 kernels, however fast.  `--dump DIR` also writes each session's
+optimized graph (ONNX Runtime's `optimized_model_filepath`) and profile there.  Agreement is the export
 parity figure from each bundle's manifest (and its threshold), plus the top-1 agreement of the
 int8 runner with the fp32 one on the timed input itself.
 """
@@ -172,10 +172,10 @@ def bench_model(name: str, fp32: str, int8: str, args) -> dict:
             "parity_passed": passed, "agreement_here": agree_here, "profile": prof}
 
 
-def int8_ceiling(fp32_profile: dict) -> float:
-    """The most int8 could gain on this graph: fp32 kernel time over what is left of it if every
-    float Conv/MatMul/Gemm (the layers int8 quantizes) cost nothing (Amdahl's law)."""
-    rest = 1.0 - fp32_profile["kind_share"].get("float", 0.0)
+def int8_ceiling(float_share: float) -> float:
+    """The most int8 could gain on a graph whose fp32 kernel time is `float_share` float
+    Conv/MatMul/Gemm (the layers int8 quantizes): the time left if those cost nothing (Amdahl)."""
+    rest = 1.0 - float_share
     return float("inf") if rest <= 0 else 1.0 / rest
 
 
@@ -212,7 +212,7 @@ def print_table(rows: list[dict], load: str, threads) -> None:
         print(f"  {'':<14} int8 kernels: {int8_ops or 'none'}")
         print(f"  {'':<14} int8 top ops: {', '.join(f'{op} {100 * s:.0f}%' for op, s in top)}")
         share = r["profile"]["fp32"]["kind_share"].get("float", 0.0)
-        top_gain = int8_ceiling(r["profile"]["fp32"])
+        top_gain = int8_ceiling(share)
         print(f"  {'':<14} ceiling: int8 at most {top_gain:.2f}x fp32 even with free int8 layers"
               f" (float Conv/MatMul/Gemm {100 * share:.0f}% of fp32 kernel time); measured "
               f"{r['ratio']:.2f}x")
