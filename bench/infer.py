@@ -4,12 +4,14 @@ runtime and precision; and its peak memory.
     python bench/infer.py [--rounds 3] [--workdir DIR] [--models ...] [--big-gb 0]
 
 Each model (trained briefly on the real 50 x 50 Pavia University crop, then exported fp32, fp16
-and int8, plugin scan, the crop as int8 calibration) classifies a mosaic of the crop's
+and int8 with 8-bit and with 7-bit weights (`--weight-bits 7`), plugin scan, the crop as int8
+calibration) classifies a mosaic of the crop's
 randomly flipped / rotated copies, written as a georeferenced uint16 GeoTIFF: 610 x 340 x 103
 (Pavia University's size) for MambaHSI and SpectralMamba, 160 x 160 for the slower MD2F-Mamba.
 
 - **hsiedge**: `hsiedge infer --json` in its own process, pixels over the compute seconds
-  its summary reports, for torch fp32 and ONNX Runtime fp32 / fp16 / int8, and for the fp32
+  its summary reports, for torch fp32 and ONNX Runtime fp32 / fp16 / int8 / int8 with 7-bit
+  weights, and for the fp32
   bundle's default runtime (no --runtime), which is the ratio's numerator.
 - **the best hand loop**: in its own process, the scene read whole with rasterio and
   preprocessed by the bundle's chain, patches cut with NumPy's sliding-window view, hsiedge's
@@ -56,10 +58,11 @@ CRS = "EPSG:32632"  # UTM 32N, where Pavia is
 TRANSFORM = from_origin(510000.0, 5010000.0, 1.3, 1.3)  # ROSIS: 1.3 m pixels
 MODELS = ("mambahsi", "spectralmamba", "md2f-mamba")
 SCENES = {"mambahsi": (610, 340), "spectralmamba": (610, 340), "md2f-mamba": (160, 160)}
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-w7")
+EXPORT_ARGS = {"int8-w7": ("--precision", "int8", "--weight-bits", "7")}  # the rest: --precision NAME
 # (runtime, precision) configurations of `hsiedge infer`; None: the bundle's default runtime
 CONFIGS = ((None, "fp32"), ("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16"),
-           ("onnxruntime", "int8"))
+           ("onnxruntime", "int8"), ("onnxruntime", "int8-w7"))
 LOOP_BATCHES = (256, 1024)
 console = Console(width=170)
 
@@ -127,8 +130,8 @@ def make_bundles(work: Path, models: list[str], epochs: int,
             out = work / f"{m}-{prec}.bundle"
             if not (out / "manifest.json").exists():
                 t0 = time.perf_counter()
-                hsiedge("export", str(ckpt), "-o", str(out), "--precision", prec, "--calib", str(scene),
-                        "--force")
+                hsiedge("export", str(ckpt), "-o", str(out), *EXPORT_ARGS.get(prec, ("--precision", prec)),
+                        "--calib", str(scene), "--force")
                 console.print(f"exported {m} {prec} in {time.perf_counter() - t0:.0f} s")
             bundles[m, prec] = out
     return bundles
@@ -291,16 +294,17 @@ def main() -> None:
 
     speed = Table(title=f"`hsiedge infer` px/s per model, runtime and precision (medians of {args.rounds} "
                         f"interleaved rounds); {os.cpu_count()} CPUs")
-    for col in ("model (scene)", "torch fp32", "ORT fp32", "ORT fp16", "ORT int8", "int8 / fp32 (ORT)",
-                "fp16 / fp32 (ORT)", "default runtime (fp32)"):
+    for col in ("model (scene)", "torch fp32", "ORT fp32", "ORT fp16", "ORT int8", "ORT int8 7-bit w",
+                "int8 / fp32 (ORT)", "int8 7-bit w / fp32", "fp16 / fp32 (ORT)", "default runtime (fp32)"):
         speed.add_column(col, justify="left" if col.startswith("model") else "right")
     for m in args.models:
         v = {(rt, p): med(ours[m, rt, p]) for rt, p in CONFIGS}
         default = ours[m, None, "fp32"][0]["runtime"]
         speed.add_row(f"{m} ({SCENES[m][0]} x {SCENES[m][1]})", f"{v['torch', 'fp32']:,.0f}",
                       f"{v['onnxruntime', 'fp32']:,.0f}", f"{v['onnxruntime', 'fp16']:,.0f}",
-                      f"{v['onnxruntime', 'int8']:,.0f}",
+                      f"{v['onnxruntime', 'int8']:,.0f}", f"{v['onnxruntime', 'int8-w7']:,.0f}",
                       f"{v['onnxruntime', 'int8'] / v['onnxruntime', 'fp32']:.2f}x",
+                      f"{v['onnxruntime', 'int8-w7'] / v['onnxruntime', 'fp32']:.2f}x",
                       f"{v['onnxruntime', 'fp16'] / v['onnxruntime', 'fp32']:.2f}x", default)
 
     ratio = Table(title="`hsiedge infer` (fp32 bundle, default runtime) against the best hand loop, "

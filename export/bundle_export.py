@@ -209,6 +209,7 @@ def export_bundle(
     calib: str | Path | None = None,
     calib_key: str | None = None,
     calib_method: str = "percentile",
+    weight_bits: int = 8,
     thresholds: dict[str, float] | None = None,
     force: bool = False,
     engine: bool = False,
@@ -220,9 +221,11 @@ def export_bundle(
 ) -> dict[str, Any]:
     """Write a verified bundle at `output`; return its manifest (with the parity results).
     `engine`: then also build a TensorRT engine for `target` into it (`bundle_engine.add_engine`);
-    where that engine can run here, its parity is checked and recorded too.  `class_colours`:
+    where that engine can run here, its parity is checked and recorded too.  `weight_bits`: int8's
+    weights in 8 bits or 7 (fast, unsaturated int8 kernels on x86 CPUs without VNNI; see
+    `export/int8.py`).  `class_colours`:
     `NAME=#RRGGBB,...` for the class maps (the rest keep the palette's)."""
-    from hsiedge.export.int8 import CALIBRATION_METHODS, quantize_int8
+    from hsiedge.export.int8 import CALIBRATION_METHODS, WEIGHT_BITS, quantize_int8
     from hsiedge.export.precision import to_fp16
 
     if scan not in SCANS:
@@ -232,6 +235,11 @@ def export_bundle(
     if calib_method not in CALIBRATION_METHODS:
         raise ExportError(f"--calib-method must be one of {', '.join(CALIBRATION_METHODS)}, "
                           f"got {calib_method!r}")
+    if weight_bits not in WEIGHT_BITS:
+        raise ExportError(f"--weight-bits must be 8 or 7, got {weight_bits!r}")
+    if weight_bits != 8 and precision != "int8":
+        raise ExportError(f"--weight-bits {weight_bits} applies to --precision int8 only, "
+                          f"got --precision {precision}")
     step = on_step or (lambda s: None)
     t0 = time.perf_counter()
     step("loading the checkpoint")
@@ -259,10 +267,10 @@ def export_bundle(
     elif precision == "int8":
         step(f"calibrating int8 ({calib_method}) and inserting Q/DQ")
         samples, batch = calibration_samples(ckpt, data, kind, patch)
-        graph = quantize_int8(graph, samples, batch, calib_method)
+        graph = quantize_int8(graph, samples, batch, calib_method, weight_bits)
         calibration = {"scene": str(data.path), "key": data.key, "method": calib_method,
                        "samples": int(samples.shape[0]), "sample_shape": list(samples.shape[1:]),
-                       "symmetric": True, "per_channel_weights": True,
+                       "symmetric": True, "per_channel_weights": True, "weight_bits": weight_bits,
                        "quantized_ops": ["Conv", "MatMul", "Gemm"], "format": "QDQ int8"}
     # plugin mode: the node stays Contract 2's, its portable body rides along as a model-local
     # function (ONNX Runtime and other ONNX tools run the graph as it is)

@@ -23,6 +23,12 @@ QLinearMatMul, QGemm: u8 activations x s8 weights, VNNI), and two things decide 
   pair at a time).  Float readers (and every reader of a scan tensor) get the float tensor back,
   which is also more exact.  (The runner also keeps ONNX Runtime from merging the dedicated pairs
   back into one: see `runtimes/onnxruntime.py`, common subexpression elimination.)
+
+On x86 CPUs without VNNI those u8 x s8 kernels sum pairs of products into 16 bits, which
+saturates with 8-bit weights; the runner then has ONNX Runtime widen them to u8 x u8 kernels,
+which are slower.  `weight_bits=7` quantizes weights to [-64, 64] (onnxruntime's `reduce_range`)
+instead: pairs of them cannot saturate, so ONNX Runtime keeps the fast u8 x s8 kernels there, at
+the cost of one bit of weight precision everywhere else.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from hsiedge.export import scan_functions, scan_node
 CALIBRATION_METHODS = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 PERCENTILE = 99.999
+WEIGHT_BITS = (8, 7)
 
 
 class _Batches(CalibrationDataReader):
@@ -125,11 +132,14 @@ def _scan_tensors(model: onnx.ModelProto) -> set[str]:
 
 
 def quantize_int8(model: onnx.ModelProto, samples: np.ndarray, batch: int = 256,
-                  method: str = "percentile") -> onnx.ModelProto:
+                  method: str = "percentile", weight_bits: int = 8) -> onnx.ModelProto:
     """A QDQ int8 copy of a float32 plugin-mode graph, calibrated on `samples` of model input
-    (patches, spectra or image tiles, stacked on axis 0), fed `batch` at a time."""
+    (patches, spectra or image tiles, stacked on axis 0), fed `batch` at a time; its weights
+    quantized to `weight_bits` (8: [-127, 127]; 7: [-64, 64], see the module's docstring)."""
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {sorted(CALIBRATION_METHODS)}, got {method!r}")
+    if weight_bits not in WEIGHT_BITS:
+        raise ValueError(f"weight bits must be one of {WEIGHT_BITS}, got {weight_bits!r}")
     model = fold_weights(model)
     keep_float = _scan_tensors(model)
     extra = {
@@ -159,7 +169,8 @@ def quantize_int8(model: onnx.ModelProto, samples: np.ndarray, batch: int = 256,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
                     op_types_to_quantize=list(QUANTIZED_OPS),
                     calibrate_method=CALIBRATION_METHODS[method],
-                    nodes_to_exclude=boundary_layers(model), extra_options=extra)
+                    nodes_to_exclude=boundary_layers(model), extra_options=extra,
+                    reduce_range=weight_bits == 7)
         finally:
             os.chdir(cwd)
             root.setLevel(level)

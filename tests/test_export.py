@@ -277,6 +277,10 @@ def test_export_bad_options(checkpoints, tmp_path):
     assert res.exit_code == 2 and "--precision" in res.output and "fp32, fp16, int8" in res.output
     res = runner.invoke(app, ["export", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "b")])
     assert res.exit_code == 1 and "not found" in res.output
+    res = runner.invoke(app, ["export", str(checkpoints["spectralmamba"]), "-o", str(tmp_path / "b"),
+                              "--weight-bits", "7"])
+    assert res.exit_code == 1 and "--weight-bits 7 applies to --precision int8 only" in res.output
+    assert not (tmp_path / "b").exists()
 
 
 def test_class_colours_reach_the_manifest_and_the_maps(checkpoints, datasets, tmp_path):

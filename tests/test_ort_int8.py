@@ -1,7 +1,8 @@
 """int8 graphs on x86 CPUs without VNNI: the runner has ONNX Runtime run their layers as u8 x u8
 kernels (`session.x64quantprecision`), which cannot saturate, instead of u8 x s8 ones, which do
-with full-range weights.  Checked on hand-built QDQ layers against float64 NumPy references, and
-through the runner on the suite's int8 bundles."""
+with full-range weights; 7-bit weights (`--weight-bits 7`) cannot saturate them, and keep the
+u8 x s8 kernels.  Checked on hand-built QDQ layers against float64 NumPy references, and through
+the runner on the suite's int8 bundles."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from hsiedge.runtimes.onnxruntime import X64_QUANT_PRECISION, OnnxRuntimeRunner,
 K, M, SIDE = 64, 24, 6  # input channels, output channels, image side (Conv)
 X_SCALE = 0.02
 INT8_KERNELS = {"MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QLinearConv", "ConvInteger"}
+WEIGHT_INPUT = {"MatMulIntegerToFloat": 1, "QLinearMatMul": 3, "MatMulInteger": 1, "QLinearConv": 3,
+                "ConvInteger": 1}
 
 
 def _quantized_layer(kind: str, w: np.ndarray, scale: np.ndarray) -> onnx.ModelProto:
@@ -47,14 +50,15 @@ def _quantized_layer(kind: str, w: np.ndarray, scale: np.ndarray) -> onnx.ModelP
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def _weights(rng: np.random.Generator, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """Full-range symmetric int8 weights (every output channel reaches +-127) and their scales."""
+def _weights(rng: np.random.Generator, kind: str, top: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 weights in [-top, top], every output channel reaching both ends (127: full
+    range; 64: 7 bits), and their scales."""
     shape = (K, M) if kind == "MatMul" else (M, K, 3, 3)
-    w = rng.integers(-127, 128, size=shape).astype(np.int8)
+    w = rng.integers(-top, top + 1, size=shape).astype(np.int8)
     if kind == "MatMul":
-        w[0], w[1] = 127, -127
+        w[0], w[1] = top, -top
     else:
-        w[:, 0, 0, 0], w[:, 0, 0, 1] = 127, -127
+        w[:, 0, 0, 0], w[:, 0, 0, 1] = top, -top
     return w, rng.uniform(0.001, 0.01, M).astype(np.float32)
 
 
@@ -65,9 +69,9 @@ def _saturating_input(rng: np.random.Generator, kind: str, n: int = 32) -> np.nd
     return (rng.choice([-1.0, 1.0], size=shape) * 127 * X_SCALE).astype(np.float32)
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray, tmp_path, u8u8: bool) -> tuple[np.ndarray, set[str]]:
+def _run(model: onnx.ModelProto, x: np.ndarray, tmp_path, u8u8: bool) -> tuple[np.ndarray, onnx.GraphProto]:
     """The first output of ONNX Runtime's CPU provider at full optimisation, with or without the
-    runner's int8 session option, and the ops it ran."""
+    runner's int8 session option, and the graph it ran."""
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / f"{u8u8}.onnx")
     opts.log_severity_level = 3
@@ -75,7 +79,7 @@ def _run(model: onnx.ModelProto, x: np.ndarray, tmp_path, u8u8: bool) -> tuple[n
         opts.add_session_config_entry(X64_QUANT_PRECISION, "1")
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     (y, *_) = sess.run(None, {"x": x})
-    return y, {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+    return y, onnx.load(opts.optimized_model_filepath).graph
 
 
 def _reference(kind: str, x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -90,40 +94,60 @@ def _reference(kind: str, x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np
     return np.clip(np.rint(y), -128, 127)
 
 
-def _layer_run(kind: str, tmp_path, u8u8: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A layer with full-range weights on activations at their ends: ONNX Runtime's output
-    (after checking that it ran as an int8 kernel, not in float) and the float64 reference."""
+def _kernel_weight_types(graph: onnx.GraphProto) -> set[int]:
+    """The element types of the weights the graph's int8 kernels read (INT8: u8 x s8 kernels;
+    UINT8: ONNX Runtime widened them to u8 x u8)."""
+    inits = {i.name: i.data_type for i in graph.initializer}
+    return {inits[n.input[WEIGHT_INPUT[n.op_type]]] for n in graph.node if n.op_type in WEIGHT_INPUT}
+
+
+def _layer_run(kind: str, tmp_path, u8u8: bool, top: int = 127) -> tuple[np.ndarray, np.ndarray, set[int]]:
+    """A layer with weights reaching +-top on activations at their ends: ONNX Runtime's output
+    (after checking that it ran as an int8 kernel, not in float), the float64 reference, and
+    the element types of the weights its int8 kernels read."""
     rng = np.random.default_rng(2)
-    w, scale = _weights(rng, kind)
+    w, scale = _weights(rng, kind, top)
     x = _saturating_input(rng, kind)
-    y, ops = _run(_quantized_layer(kind, w, scale), x, tmp_path, u8u8)
+    y, graph = _run(_quantized_layer(kind, w, scale), x, tmp_path, u8u8)
+    ops = {n.op_type for n in graph.node}
     assert ops & INT8_KERNELS, ops
-    return y, _reference(kind, x, w, scale)
+    return y, _reference(kind, x, w, scale), _kernel_weight_types(graph)
 
 
-@pytest.mark.parametrize("kind", ["MatMul", "Conv"])
-def test_int8_layers_run_as_int8_kernels_and_match_the_reference(kind, tmp_path):
-    """With the runner's option, on any CPU."""
-    y, ref = _layer_run(kind, tmp_path, u8u8=True)
+def _assert_matches(kind: str, y: np.ndarray, ref: np.ndarray) -> None:
     if kind == "MatMul":
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     else:  # integer outputs: at most a rounding tie away
         assert np.abs(y - ref).max() <= 1 and np.mean(y != ref) < 0.01
 
 
+@pytest.mark.parametrize("kind", ["MatMul", "Conv"])
+def test_int8_layers_run_as_int8_kernels_and_match_the_reference(kind, tmp_path):
+    """With the runner's option, on any CPU."""
+    y, ref, _ = _layer_run(kind, tmp_path, u8u8=True)
+    _assert_matches(kind, y, ref)
+
+
+@pytest.mark.parametrize("kind", ["MatMul", "Conv"])
+def test_seven_bit_weights_keep_u8_s8_kernels_and_match_the_reference(kind, tmp_path):
+    """Weights at +-64 (the 7 bits of `--weight-bits 7`) on activations at their ends: with the
+    runner's option ONNX Runtime keeps them s8 (its fast u8 x s8 kernels, where this CPU has
+    no VNNI), and the sums do not saturate: 2 x 255 x 64 fits 16 bits."""
+    y, ref, types = _layer_run(kind, tmp_path, u8u8=True, top=64)
+    assert types == {TensorProto.INT8}, types
+    _assert_matches(kind, y, ref)
+
+
 @pytest.mark.skipif(not int8_kernels_saturate(), reason="this CPU's u8 x s8 kernels do not saturate")
 @pytest.mark.parametrize("kind", ["MatMul", "Conv"])
 def test_without_it_int8_layers_saturate_on_this_cpu(kind, tmp_path):
     """Why the runner sets it: the same layer, fused as u8 x s8, is wrong here."""
-    y, ref = _layer_run(kind, tmp_path, u8u8=False)
+    y, ref, _ = _layer_run(kind, tmp_path, u8u8=False)
     assert np.abs(y - ref).max() > 0.01 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("model", ["mambahsi", "spectralmamba", "md2f-mamba"])
-def test_int8_bundles_run_their_layers_as_int8_kernels(exported, model, tmp_path, monkeypatch):
-    """The runner's session of an int8 bundle fuses its quantized layers into int8 kernels
-    (their parity is `test_export`'s), and says how where this CPU lacks VNNI."""
-    path, _ = exported(model, "plugin", "int8")
+def _runner_graph(path, tmp_path, monkeypatch) -> tuple[OnnxRuntimeRunner, onnx.GraphProto]:
+    """The runner of the bundle at `path` on CPU, and the graph ONNX Runtime optimized for it."""
     optimized = tmp_path / "optimized.onnx"
     real = ort.SessionOptions
 
@@ -134,7 +158,38 @@ def test_int8_bundles_run_their_layers_as_int8_kernels(exported, model, tmp_path
 
     monkeypatch.setattr(ort, "SessionOptions", options)
     runner = OnnxRuntimeRunner(open_bundle(path), device="cpu")
-    ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    return runner, onnx.load(str(optimized)).graph
+
+
+@pytest.mark.parametrize("model", ["mambahsi", "spectralmamba", "md2f-mamba"])
+def test_int8_bundles_run_their_layers_as_int8_kernels(exported, model, tmp_path, monkeypatch):
+    """The runner's session of an int8 bundle fuses its quantized layers into int8 kernels
+    (their parity is `test_export`'s), and says how where this CPU lacks VNNI."""
+    path, _ = exported(model, "plugin", "int8")
+    runner, graph = _runner_graph(path, tmp_path, monkeypatch)
+    ops = [n.op_type for n in graph.node]
     assert sum(op in INT8_KERNELS for op in ops) >= 5, sorted(set(ops))
     assert ("u8 x u8" in runner.notes) == int8_kernels_saturate()
+    runner.close()
+
+
+def test_seven_bit_int8_bundle(checkpoints, tmp_path, monkeypatch):
+    """`--weight-bits 7`: every weight within [-64, 64], every output channel reaching an end of
+    it; parity at export passes; the runner's int8 kernels read them as s8 (u8 x s8 kernels,
+    VNNI or not) and say so where this CPU lacks VNNI."""
+    from hsiedge.export.bundle_export import export_bundle
+
+    out = tmp_path / "b"
+    manifest = export_bundle(checkpoints["md2f-mamba"], out, precision="int8", weight_bits=7)
+    assert manifest["calibration"]["weight_bits"] == 7 and manifest["parity"]["passed"]
+    int8_weights = [numpy_helper.to_array(i) for i in onnx.load(str(out / "model.onnx")).graph.initializer
+                    if i.data_type == TensorProto.INT8 and len(i.dims) > 1]
+    assert len(int8_weights) >= 5
+    for w in int8_weights:
+        top = np.abs(w.astype(np.int16)).reshape(w.shape[0], -1).max(axis=1)  # per output channel (Conv)
+        assert top.max() == 64 and (top.min() == 64 or w.ndim == 2), top
+    runner, graph = _runner_graph(out, tmp_path, monkeypatch)
+    assert sum(n.op_type in INT8_KERNELS for n in graph.node) >= 5
+    assert _kernel_weight_types(graph) == {TensorProto.INT8}
+    assert "u8 x u8" not in runner.notes and ("u8 x s8" in runner.notes) == int8_kernels_saturate()
     runner.close()

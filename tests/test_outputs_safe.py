@@ -247,6 +247,7 @@ def test_train_checks_its_output_before_training(datasets, tmp_path, monkeypatch
     (["export", "c.pt", "-o", "b", "--precision", "fp64"], "--precision"),
     (["export", "c.pt", "-o", "b", "--scan", "loop"], "--scan"),
     (["export", "c.pt", "-o", "b", "--calib-method", "max"], "--calib-method"),
+    (["export", "c.pt", "-o", "b", "--weight-bits", "6"], "--weight-bits"),
     (["engine", "b", "--target", "cpu"], "--target"),
     (["parity-check", "b", "--runtime", "torch"], "--runtime"),
     (["parity-check", "b", "--min-agreement", "1.5"], "--min-agreement"),

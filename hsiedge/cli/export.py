@@ -115,6 +115,10 @@ def export(
     calib_method: str = typer.Option("percentile",
                                      callback=one_of("--calib-method", "percentile", "entropy"),
                                      help="int8 calibrator: percentile or entropy."),
+    weight_bits: int = typer.Option(8, "--weight-bits", min=7, max=8,
+                                    help="int8 weights in 8 bits, or 7: ONNX Runtime then keeps its fast "
+                                    "int8 kernels on x86 CPUs without VNNI, where 8-bit weights need slower "
+                                    "ones (one bit of weight precision less everywhere)."),
     engine: bool = typer.Option(False, "--engine", help="Then also build a TensorRT engine into the bundle "
                                 "(as `hsiedge engine` does)."),
     target: str | None = TARGET_OPTION,
@@ -147,7 +151,8 @@ def export(
     with spinner("exporting") as update:
         try:
             manifest = export_bundle(checkpoint, output, scan=scan, precision=precision, calib=calib,
-                                     calib_key=calib_key, calib_method=calib_method, force=force,
+                                     calib_key=calib_key, calib_method=calib_method,
+                                     weight_bits=weight_bits, force=force,
                                      engine=engine, target=target,
                                      compute_capabilities=tuple(compute_capability or ()) or None,
                                      plugin_library=plugins, class_colours=class_colours, on_step=update)
