@@ -197,8 +197,9 @@ class OnnxRuntimeRunner(Runner):
         # Weights of 7 bits (`hsiedge export --weight-bits 7`) cannot saturate them: ONNX Runtime
         # keeps those layers u8 x s8 under the same option (MD2F-Mamba, batch of 64: int8 0.79-0.87x
         # fp32 with 8-bit weights, 1.11-1.19x with 7-bit ones, 2-core AVX2 CPU machine).
-        self.int8_u8u8 = int8_on_cpu and int8_kernels_saturate() and not weights_fit_7_bits(model)
-        self.int8_u8s8 = int8_on_cpu and int8_kernels_saturate() and not self.int8_u8u8
+        self._int8_note = ""  # which int8 kernels run, where this CPU lacks VNNI
+        if int8_on_cpu and int8_kernels_saturate():
+            self._int8_note = U8S8_INT8 if weights_fit_7_bits(model) else U8U8_INT8
         self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=providers,
                                             disabled_optimizers=disabled)
 
@@ -218,8 +219,7 @@ class OnnxRuntimeRunner(Runner):
 
     @property
     def notes(self) -> str:
-        int8 = U8U8_INT8 if self.int8_u8u8 else U8S8_INT8 if self.int8_u8s8 else ""
-        return "; ".join(n for n in (self._scan_note(), int8) if n)
+        return "; ".join(n for n in (self._scan_note(), self._int8_note) if n)
 
     def _scan_note(self) -> str:
         if self._kernel:
