@@ -9,6 +9,8 @@ body is its portable decomposition, which ONNX Runtime inlines, so the graph run
 older bundles without that function have the node replaced, when the session is created, by the
 same decomposition.  The TensorRT provider runs the node through the hsiedge plugin library
 instead, when it is given one (`HSIEDGE_TRT_PLUGINS`, or `trt_extra_plugin_lib_paths`).
+On the CPU the runner also rewrites its copy of the graph into forms ONNX Runtime's kernels run
+faster (`hsiedge.runtimes.ort_graph`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import os
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from hsiedge.bundle import INPUT_NAME, Bundle
 from hsiedge.export import portable, scan_functions, scan_node
 from hsiedge.ops import cpu, ort_kernel
 from hsiedge.runtimes.base import Runner, RuntimeSpec, register_runtime
+from hsiedge.runtimes.ort_graph import half_scans_in_float, relus_as_unsigned, small_transposes_as_einsum
 from hsiedge.runtimes.trt_library import PLUGIN_ENV
 
 
@@ -39,65 +42,6 @@ def _providers(plugin_graph: bool) -> list:
         chosen.append("CUDAExecutionProvider")
     chosen.append("CPUExecutionProvider")
     return chosen
-
-
-def small_transposes_as_einsum(model: onnx.ModelProto) -> int:
-    """Rewrite (in place) each Transpose that swaps the last two axes of a stack of small
-    matrices, (n, a, b) -> (n, b, a) with a, b <= 256, as the equivalent Einsum; return how many.
-
-    ONNX Runtime's CPU Transpose copies those one element at a time, its Einsum in blocks:
-    MambaHSI's spectral tokens (16384, 4, 64) -> (16384, 64, 4) take 16 ms as a Transpose and
-    3.6 ms as an Einsum, (16384, 4, 16) 10.4 and 0.6 ms; 2-D and 4-D transposes and single
-    large matrices are faster as they are (measured on the 2-core CPU machine, onnxruntime
-    1.32).  Transposes that feed a MatMul stay: ONNX Runtime fuses those into the MatMul."""
-    shapes = portable.tensor_shapes(model)
-    into_matmul = {i for n in model.graph.node if n.op_type in ("MatMul", "Gemm") for i in n.input}
-    count = 0
-    for node in model.graph.node:
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or perm != [0, 2, 1]:
-            continue
-        dims = shapes.get(node.input[0], (None, []))[1]
-        small = len(dims) == 3 and all(isinstance(d, int) and 0 < d <= 256 for d in dims[1:])
-        if not small or dims[0] == 1 or node.output[0] in into_matmul:
-            continue
-        del node.attribute[:]
-        node.op_type = "Einsum"
-        node.attribute.append(helper.make_attribute("equation", "nab->nba"))
-        count += 1
-    return count
-
-
-def half_scans_in_float(model: onnx.ModelProto) -> int:
-    """Rewrite (in place) each float16 SelectiveScan node to take float32 inputs and give a
-    float32 output, cast from and back to float16 around it; return how many.
-
-    Contract 1 accumulates in float32 whatever the input type, so the float32 kernel computes
-    the float16 node's own result (rounded to half on the way out, as the node's output is).
-    Without this, a float16 graph's scans run as the portable body in ONNX Runtime."""
-    shapes = portable.tensor_shapes(model)
-    count = 0
-    nodes = list(model.graph.node)
-    del model.graph.node[:]
-    for node in nodes:
-        is_scan = node.op_type == scan_node.OP_TYPE and node.domain == scan_node.DOMAIN
-        types = portable.node_spec(node, shapes).types if is_scan else ()
-        if onnx.TensorProto.FLOAT16 not in types:
-            model.graph.node.append(node)
-            continue
-        half = {role for role, t in zip(portable.ROLES_TYPED_LIKE_U, types, strict=True)
-                if t == onnx.TensorProto.FLOAT16}
-        for i, name in enumerate(node.input):
-            if name and scan_node.INPUTS[i] in half:
-                cast = f"{node.name or 'scan'}_{scan_node.INPUTS[i]}_as_float"
-                model.graph.node.append(helper.make_node("Cast", [name], [cast], to=onnx.TensorProto.FLOAT))
-                node.input[i] = cast
-        y = node.output[0]
-        node.output[0] = f"{y}_float"
-        model.graph.node.append(node)
-        model.graph.node.append(helper.make_node("Cast", [node.output[0]], [y], to=onnx.TensorProto.FLOAT16))
-        count += 1
-    return count
 
 
 def kernel_unusable(model: onnx.ModelProto) -> str | None:
@@ -188,6 +132,9 @@ class OnnxRuntimeRunner(Runner):
         # 16 without; 121 -> 67 ms per batch of 128, 2-core CPU machine, onnxruntime 1.32).
         int8_on_cpu = on_cpu and any(n.op_type == "QuantizeLinear" for n in model.graph.node)
         disabled = ["CommonSubexpressionElimination"] if int8_on_cpu else []
+        # ReLUs between the export's symmetric Q/DQ pairs: one unsigned pair each, fused into the
+        # layer before (MD2F-Mamba, 7-bit weights, 64 patches: 38.2 -> 36.6 ms a call, 2-core CPU)
+        self.unsigned_relus = relus_as_unsigned(model) if int8_on_cpu else 0
         # x86 CPUs without VNNI: the int8 layers as u8 x u8 kernels, which widen before they
         # multiply, with the bundle's own weights, instead of u8 x s8 ones that saturate (a
         # layer with full-range weights and activations at their ends: 25-27 % off) or float
@@ -219,7 +166,9 @@ class OnnxRuntimeRunner(Runner):
 
     @property
     def notes(self) -> str:
-        return "; ".join(n for n in (self._scan_note(), self._int8_note) if n)
+        relus = (f"{self.unsigned_relus} ReLUs run as unsigned int8 pairs fused into their layers"
+                 if self.unsigned_relus else "")
+        return "; ".join(n for n in (self._scan_note(), self._int8_note, relus) if n)
 
     def _scan_note(self) -> str:
         if self._kernel:

@@ -193,3 +193,19 @@ def test_seven_bit_int8_bundle(checkpoints, tmp_path, monkeypatch):
     assert _kernel_weight_types(graph) == {TensorProto.INT8}
     assert "u8 x u8" not in runner.notes and ("u8 x s8" in runner.notes) == int8_kernels_saturate()
     runner.close()
+
+
+def test_int8_bundle_runs_its_relus_unsigned(exported, tmp_path, monkeypatch):
+    """The runner of the suite's int8 MD2F-Mamba bundle rewrites every ReLU that sits between Q/DQ
+    pairs (`ort_graph.relus_as_unsigned`), ONNX Runtime runs none of them, and the runner says
+    how many (the bundle's parity, through the same runner, is `test_export`'s)."""
+    path, _ = exported("md2f-mamba", "plugin", "int8")
+    graph = onnx.load(str(path / "model.onnx")).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    relus = [n for n in graph.node if n.op_type == "Relu"]
+    between = sum(producer.get(n.input[0]) == "DequantizeLinear" for n in relus)
+    assert between >= 5
+    runner, ran = _runner_graph(path, tmp_path, monkeypatch)
+    assert runner.unsigned_relus == between and f"{between} ReLUs run as unsigned" in runner.notes
+    assert sum(n.op_type == "Relu" for n in ran.node) <= len(relus) - between
+    runner.close()

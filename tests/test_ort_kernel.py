@@ -101,7 +101,8 @@ def test_runner_uses_the_kernel_for_plugin_bundles_and_agrees_with_the_function_
 def test_half_scans_run_on_the_kernel_through_casts(groups):
     """A float16 node, rewritten to cast its inputs to float32 and its output back, against
     the float64 reference on the same half-rounded inputs."""
-    from hsiedge.runtimes.onnxruntime import half_scans_in_float, kernel_unusable
+    from hsiedge.runtimes.onnxruntime import kernel_unusable
+    from hsiedge.runtimes.ort_graph import half_scans_in_float
 
     arrays = random_arrays(np.random.default_rng(11 + groups), 3, 16, 9, 8, groups, True)
     model = scan_graph({k: v.shape for k, v in arrays.items()}, {}, True, half=True)

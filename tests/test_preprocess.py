@@ -92,3 +92,34 @@ def test_band_count_is_checked(cube):
     chain = Chain([Standardize()]).fit(cube.reshape(-1, cube.shape[-1]))
     with pytest.raises(ValueError, match="expects 198 bands, got 100"):
         chain.apply(cube[..., :100])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stretch_and_standardize_bit_for_bit_against_float64(seed):
+    """Fresh random uint16 windows with a flat band (hi == lo), an inverted one and nodata pixels:
+    every value exactly what the plain float64 formulas give (training used them, so the
+    in-place forms must not move a single 1/255 step)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 9000, size=(33, 21, 12)).astype(np.uint16)
+    x[4, 5, :] = 7  # nodata in every band
+    lo = rng.uniform(0, 3000, 12)
+    hi = lo + rng.uniform(1, 6000, 12)
+    hi[2] = lo[2]  # flat band
+    hi[7] = lo[7] - 5.0  # inverted: treated as flat
+    lo[9] = 1234.0  # hits exact 1/255 steps: integers on a span of 255 * 3
+    hi[9] = lo[9] + 765.0
+    mean, std = rng.uniform(0, 5000, 12), rng.uniform(10, 900, 12)
+
+    chain = Chain([PercentileStretch(lo=lo, hi=hi)], in_bands=12)
+    y, ok = chain.apply(x, nodata=7)
+    x64 = x.astype(np.float64)
+    span = hi - lo
+    ref = np.where(span > 0, (x64 - lo) / np.where(span > 0, span, 1.0), 0.0)
+    ref = (np.floor(np.clip(ref, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
+    ref[4, 5] = 0.0
+    assert not ok[4, 5] and ok.sum() == ok.size - 1
+    np.testing.assert_array_equal(y, ref)
+    assert (y[..., 2] == 0).all() and (y[..., 7] == 0).all()
+
+    y, _ = Chain([Standardize(mean=mean, std=std)], in_bands=12).apply(x)
+    np.testing.assert_array_equal(y, ((x64 - mean) / std).astype(np.float32))
