@@ -32,11 +32,11 @@ from hsiedge.bundle import (
     sha256_file,
 )
 from hsiedge.checkpoint import Checkpoint, load_checkpoint
-from hsiedge.export import onnx_model, portable, scan_functions, scan_node
+from hsiedge.export import onnx_model, portable, reuse, scan_functions, scan_node
 from hsiedge.export.onnx_model import ExportError
 from hsiedge.io.scene import Window
 from hsiedge.models import count_parameters
-from hsiedge.original import REFERENCE, reference_npz, run_original, stored_original
+from hsiedge.original import REFERENCE, reference_npz, stored_original
 from hsiedge.parity import THRESHOLDS, ParityData, check_bundle, parity_data
 from hsiedge.preprocess import valid_mask
 from hsiedge.tiling import IMAGE_MULTIPLE, PixelInputs, image_batch
@@ -258,7 +258,9 @@ def export_bundle(
     data = held_out_data(ckpt, Path(calib) if calib else None, calib_key, kind)
 
     step("torch -> ONNX (dynamo exporter)")
-    graph = onnx_model.torch_to_onnx(model)
+    graph, kept = reuse.float_graph(sha256_file(checkpoint), model)
+    if kept:
+        step("torch -> ONNX: the graph of this process's earlier export of the checkpoint")
     scan_calls = sum(1 for _ in scan_node.scan_nodes(graph))
     calibration = None
     if precision == "fp16":
@@ -322,7 +324,9 @@ def export_bundle(
         step("parity: original vs ONNX Runtime on the held-out pixels")
         pdata: ParityData = parity_data(bundle.preprocessing, data.cube, kind, patch, nodata=data.nodata,
                                         pixels=data.pixels, labels=data.labels, source=data.description)
-        original = run_original(bundle, pdata)
+        original, kept = reuse.original_logits(bundle, pdata)
+        if kept:
+            step("parity: the original's logits from this process's earlier export of the checkpoint")
         writer.add(REFERENCE, reference_npz(original, pdata))  # parity on devices without torch
         report = check_bundle(bundle, pdata, ["onnxruntime"], limits, original=original)
         report["forced"] = bool(force and not report["passed"])
