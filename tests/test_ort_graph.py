@@ -13,7 +13,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 
 from hsiedge.runtimes.onnxruntime import X64_QUANT_PRECISION
-from hsiedge.runtimes.ort_graph import relus_as_unsigned
+from hsiedge.runtimes.ort_graph import depthwise_convs_padded, relus_as_unsigned
 
 K, M, SIDE = 8, 16, 6
 X_SCALE, S1, S2, ADD = 0.05, 0.04, 0.025, 0.5  # S2 < S1: the ReLU's range is the upper half
@@ -130,3 +130,94 @@ def test_relus_it_must_leave_alone():
         before = model.SerializeToString()
         assert relus_as_unsigned(model) == 0
         assert model.SerializeToString() == before
+
+
+BANDS, CLASSES, PATCH = 19, 5, 7  # 19 channels: not whole blocks of 16 (nor of 8)
+
+
+def _depthwise_graph(rng: np.random.Generator) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x -> depthwise 3x3 (bias) -> 1x1 conv -> Sigmoid -> s   (padded, the 1x1 takes zero columns)
+       x -> depthwise 3x3 (no bias) -> Relu -> r                (padded, sliced back)
+       w (32 channels) -> depthwise 3x3 -> v                    (whole blocks: left alone)
+       x -> depthwise 3x3 with int8 weights through a DequantizeLinear -> d   (left alone)"""
+    arrays = {"dw1": rng.standard_normal((BANDS, 1, 3, 3)), "b1": rng.standard_normal(BANDS),
+              "pw": rng.standard_normal((CLASSES, BANDS, 1, 1)), "pb": rng.standard_normal(CLASSES),
+              "dw2": rng.standard_normal((BANDS, 1, 3, 3)), "dw3": rng.standard_normal((32, 1, 3, 3))}
+    arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
+    q8 = rng.integers(-127, 128, size=(BANDS, 1, 3, 3)).astype(np.int8)
+    inits = [numpy_helper.from_array(v, k) for k, v in arrays.items()]
+    inits += [numpy_helper.from_array(q8, "q8"), numpy_helper.from_array(np.zeros(BANDS, np.int8), "qz"),
+              numpy_helper.from_array(np.full(BANDS, 0.01, np.float32), "qs")]
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "dw1", "b1"], ["t"], group=BANDS, pads=[1, 1, 1, 1]),
+             n("Conv", ["t", "pw", "pb"], ["u"]), n("Sigmoid", ["u"], ["s"]),
+             n("Conv", ["x", "dw2"], ["t2"], group=BANDS, pads=[1, 1, 1, 1]), n("Relu", ["t2"], ["r"]),
+             n("Conv", ["w", "dw3"], ["v"], group=32, pads=[1, 1, 1, 1]),
+             n("DequantizeLinear", ["q8", "qs", "qz"], ["q8d"], axis=0),
+             n("Conv", ["x", "q8d"], ["d"], group=BANDS, pads=[1, 1, 1, 1])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, BANDS, PATCH, PATCH]),
+              helper.make_tensor_value_info("w", TensorProto.FLOAT, [None, 32, PATCH, PATCH])]
+    outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None] * 4) for o in ("s", "r", "v", "d")]
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    arrays["q8d"] = q8.astype(np.float32) * np.float32(0.01)
+    return model, {k: v.astype(np.float64) for k, v in arrays.items()}
+
+
+def _depthwise(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """float64 depthwise convolution, stride 1, 'same' padding: w is (channels, 1, k, k)."""
+    p = w.shape[-1] // 2
+    windows = sliding_window_view(np.pad(x, ((0, 0), (0, 0), (p, p), (p, p))), w.shape[2:], axis=(2, 3))
+    return np.einsum("nchwij,cij->nchw", windows, w[:, 0])
+
+
+def _optimized(model: onnx.ModelProto, tmp_path, tag: str) -> tuple[ort.InferenceSession, list[str]]:
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / f"{tag}.onnx")
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess, [f"{n.domain}:{n.op_type}" for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_depthwise_convs_on_padded_channels_match_the_reference(seed, tmp_path):
+    rng = np.random.default_rng(seed)
+    model, a = _depthwise_graph(rng)
+    before = model.SerializeToString()
+    assert depthwise_convs_padded(model) == 2
+    assert model.SerializeToString() != before
+    onnx.checker.check_model(model, full_check=True)
+    x = rng.standard_normal((3, BANDS, PATCH, PATCH)).astype(np.float32)
+    w = rng.standard_normal((3, 32, PATCH, PATCH)).astype(np.float32)
+    sess, ops = _optimized(model, tmp_path, "padded")
+    s, r, v, d = sess.run(None, {"x": x, "w": w})
+    x64 = x.astype(np.float64)
+    t = _depthwise(x64, a["dw1"]) + a["b1"][None, :, None, None]
+    u = np.einsum("nchw,kc->nkhw", t, a["pw"][:, :, 0, 0]) + a["pb"][None, :, None, None]
+    want = {"s": 1.0 / (1.0 + np.exp(-u)), "r": np.maximum(_depthwise(x64, a["dw2"]), 0.0),
+            "v": _depthwise(w.astype(np.float64), a["dw3"]), "d": _depthwise(x64, a["q8d"])}
+    for name, got in zip("srvd", (s, r, v, d), strict=True):
+        assert got.shape == want[name].shape, name
+        np.testing.assert_allclose(got, want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    # where ONNX Runtime's blocked (NCHWc) layout is on (x86 with AVX2), the padded ones now use it
+    _, plain = _optimized(onnx.load_from_string(before), tmp_path, "plain")
+    blocked = "com.microsoft.nchwc:Conv"
+    if blocked in plain:  # the 32-channel one
+        assert ops.count(blocked) == plain.count(blocked) + 3  # both padded and the 1x1 after one
+
+
+def test_runner_pads_a_spectralmamba_gate_and_gives_the_same_logits(exported):
+    from hsiedge.bundle import open_bundle
+    from hsiedge.runtimes import open_runner
+
+    bundle = open_bundle(exported("spectralmamba", "plugin", "fp32")[0])
+    bands, side = bundle.manifest["input"]["bands"], bundle.patch_size
+    assert bands % 16 != 0
+    x = np.random.default_rng(3).standard_normal((8, bands, side, side)).astype(np.float32)
+    with open_runner(bundle, "onnxruntime") as runner:
+        assert runner.padded_depthwise == 1
+        assert "depthwise convolutions run on channels padded to whole blocks of 16: 1" in runner.notes
+        got = runner.run(x)
+    with open_runner(bundle, "torch") as original:
+        want = original.run(x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
