@@ -1,7 +1,11 @@
-"""The ONNX Runtime runner's rewrite of ReLUs between symmetric int8 Q/DQ pairs into unsigned
-pairs (`runtimes/ort_graph.py`): checked on a hand-built QDQ graph against float64 NumPy
-references of both forms, on what ONNX Runtime fuses, and on the cases it must leave alone (the
-runner on a real int8 bundle: `test_ort_int8.py`)."""
+"""The ONNX Runtime runner's graph rewrites (`runtimes/ort_graph.py`), on hand-built graphs
+against float64 NumPy references, on what ONNX Runtime then runs, and on the cases each must
+leave alone:
+
+- ReLUs between symmetric int8 Q/DQ pairs as unsigned pairs (the runner on a real int8
+  bundle: `test_ort_int8.py`);
+- depthwise convolutions on channels padded to whole blocks (and the runner on a real
+  SpectralMamba bundle against the PyTorch original)."""
 
 from __future__ import annotations
 
