@@ -12,12 +12,10 @@ recent are kept.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-import numpy as np
 import onnx
 import torch
 
@@ -25,6 +23,7 @@ from hsiedge.bundle import Bundle
 from hsiedge.export import onnx_model
 from hsiedge.original import Original, run_original
 from hsiedge.parity import ParityData
+from hsiedge.train_state import data_sha256
 
 KEEP = 3  # checkpoints remembered: the suite's three seed models
 V = TypeVar("V")
@@ -67,7 +66,8 @@ def float_graph(checkpoint_sha256: str, model: torch.nn.Module) -> tuple[onnx.Mo
 def original_logits(bundle: Bundle, data: ParityData) -> tuple[Original, bool]:
     """`run_original(bundle, data)` without the raw outputs, which export does not keep; and
     whether an earlier export's logits (same checkpoint bytes, same inputs) were reused."""
-    key = (bundle.manifest["artifacts"]["checkpoint"]["sha256"], _inputs_digest(data))
+    key = (bundle.manifest["artifacts"]["checkpoint"]["sha256"], data.kind, tuple(data.shape),
+           data_sha256(data.pixels, *data.batches))
 
     def run() -> Original:
         got = run_original(bundle, data)
@@ -82,13 +82,3 @@ def forget() -> None:
     """Drop everything kept (tests that must see the work done again)."""
     _graphs.clear()
     _originals.clear()
-
-
-def _inputs_digest(data: ParityData) -> str:
-    h = hashlib.blake2b(digest_size=32)
-    h.update(repr((data.kind, tuple(data.shape), len(data.batches))).encode())
-    for a in (data.pixels, *data.batches):
-        a = np.ascontiguousarray(a)
-        h.update(repr((a.dtype.str, a.shape)).encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()

@@ -19,6 +19,15 @@ from hsiedge.export import portable, scan_node
 U8_ZERO = "hsiedge_u8_zero_point"
 
 
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Each tensor's reading nodes, in graph order."""
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in graph.node:
+        for name in n.input:
+            readers[name].append(n)
+    return readers
+
+
 def small_transposes_as_einsum(model: onnx.ModelProto) -> int:
     """Rewrite (in place) each Transpose that swaps the last two axes of a stack of small
     matrices, (n, a, b) -> (n, b, a) with a, b <= 256, as the equivalent Einsum; return how many.
@@ -94,10 +103,7 @@ def relus_as_unsigned(model: onnx.ModelProto) -> int:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in graph.node:
-        for name in n.input:
-            readers[name].append(n)
+    readers = _readers(graph)
     outputs = {o.name for o in graph.output}
 
     def scalar(name: str, dtype: type) -> float | None:
@@ -181,10 +187,7 @@ def depthwise_convs_padded(model: onnx.ModelProto) -> int:
     stay as they are: ONNX Runtime runs those in its own int8 kernels."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in graph.node:
-        for name in n.input:
-            readers[name].append(n)
+    readers = _readers(graph)
     outputs = {o.name for o in graph.output}
 
     def float_weights(node: onnx.NodeProto, index: int) -> np.ndarray | None:
