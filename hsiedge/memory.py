@@ -7,9 +7,15 @@ of its own, and (3) keeps freed memory for reuse; on the 4.4 GB benchmark scene 
 300-700 MB beyond what was in use.  Returning every freed block to the system instead costs a
 page fault per page on the next allocation (a fifth to a half of MambaHSI's speed on CPU).
 So: blocks up to 32 MB stay on a heap shared by two arenas, and the heap is trimmed between
-batches only when its free memory passes a bound (README, "Streaming inference").  glibc reads
-the same settings from MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / MALLOC_ARENA_MAX, which
-win when set.  Python has no binding for mallopt or mallinfo2, hence the few lines of ctypes here.
+batches only when its free memory passes a bound and, in a run with a memory budget, resident
+memory passes the budget (README, "Streaming inference").  32 MB is the
+most glibc's mmap threshold can be raised to; a run whose larger blocks come back every call
+(MambaHSI's tiles) keeps those on the heap too (`large_blocks`: M_MMAP_MAX = 0), or each is
+mapped afresh and page-faulted every time (a 128 x 128 MambaHSI tile in ONNX Runtime: 33,800
+faults and 295-304 ms a call; without them 223-232 ms).  A thread's own arena still maps a block
+larger than its 64 MB heap.  glibc reads the same settings from MALLOC_MMAP_THRESHOLD_ /
+MALLOC_TRIM_THRESHOLD_ / MALLOC_ARENA_MAX / MALLOC_MMAP_MAX_, which win when set.  Python has
+no binding for mallopt or mallinfo2, hence the few lines of ctypes here.
 glibc before 2.33 (JetPack 5 has 2.31) lacks mallinfo2: mallinfo serves instead, and without
 either the heap is trimmed on resident-memory growth; `heap_warning` says what is off.
 """
@@ -26,6 +32,7 @@ from typing import Any
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 MIB = 2**20
 SETTINGS = (  # (mallopt option, environment variable that overrides it, value)
@@ -33,6 +40,7 @@ SETTINGS = (  # (mallopt option, environment variable that overrides it, value)
     (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", 1024 * MIB),  # trimming is ours, below
     (M_ARENA_MAX, "MALLOC_ARENA_MAX", 2),
 )
+MMAP_MAX_DEFAULT = 65536  # glibc's own: blocks over the threshold are mapped on their own
 FREE_HEAP_BOUND = 256 * MIB  # trim once this much heap sits free
 MALLINFO_FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
                    "fordblks", "keepcost")
@@ -98,12 +106,15 @@ def heap_warning() -> str | None:
     return None
 
 
-def bound_heap() -> bool:
-    """Apply SETTINGS to this process (idempotent); False where the C library is not glibc."""
+def bound_heap(large_blocks: bool = False) -> bool:
+    """Apply SETTINGS to this process (idempotent); with `large_blocks`, blocks over 32 MB stay
+    on the heap too (until then, and after a call without it, glibc maps each on its own).
+    False where the C library is not glibc."""
     heap = _glibc_heap()
     if heap is None:
         return False
-    for option, env, value in SETTINGS:
+    mmap_max = (M_MMAP_MAX, "MALLOC_MMAP_MAX_", 0 if large_blocks else MMAP_MAX_DEFAULT)
+    for option, env, value in (*SETTINGS, mmap_max):
         if env not in os.environ:
             heap.lib.mallopt(option, value)
     return True
@@ -115,13 +126,21 @@ def free_heap_bytes() -> int | None:
     return None if heap is None or heap.free_bytes is None else heap.free_bytes()
 
 
-def release_free_heap(bound: int = FREE_HEAP_BOUND) -> bool:
+def release_free_heap(bound: int = FREE_HEAP_BOUND, within_mib: float | None = None) -> bool:
     """Give free heap pages back to the system when more than `bound` bytes sit free (where
     glibc cannot say, when resident memory grew by `bound` since the last trim); called between
-    batches.  True when it trimmed."""
+    batches.  True when it trimmed.
+
+    With `within_mib` (a run's memory budget), nothing is given back while resident memory is
+    at most that: the free pages are the last tile's tensors, which the next tile takes again,
+    and pages given back cost a fault each when it does (MambaHSI in ONNX Runtime, 610 x 340
+    mosaic, 128 x 128 tiles: 0.5-0.7 M page faults and 21-25 k px/s trimmed at 256 MiB free,
+    0.13 M and 35-37 k kept within 900 MiB, peaks 543-638 against 623-650 MiB)."""
     global _trimmed_at_rss
     heap = _glibc_heap()
     if heap is None:
+        return False
+    if within_mib is not None and (now := rss_mib()) is not None and now <= within_mib:
         return False
     if heap.free_bytes is not None:
         if heap.free_bytes() <= bound:

@@ -203,6 +203,37 @@ def test_image_model_tile_follows_the_memory_budget(mh_bundle, scene_tif, tmp_pa
     assert not (tmp_path / "b.tif").exists()
 
 
+def test_an_image_model_keeps_its_heap_within_the_memory_budget(mh_bundle, sm_bundle, scene_tif, tmp_path,
+                                                                monkeypatch):
+    """MambaHSI's run hands its budget to the heap trimming and keeps large blocks on the heap
+    (hsiedge.memory); a patch model's run trims on free heap alone, large blocks mapped."""
+    import hsiedge.infer.pipeline as pipeline
+    import hsiedge.infer.run as run
+    from hsiedge import memory
+
+    seen: dict[str, list] = {"within": [], "large": []}
+
+    def trim(bound=memory.FREE_HEAP_BOUND, within_mib=None):
+        seen["within"].append(within_mib)
+        return memory.release_free_heap(bound, within_mib)
+
+    def bound(large_blocks=False):
+        seen["large"].append(large_blocks)
+        return memory.bound_heap(large_blocks)
+
+    monkeypatch.setattr(pipeline, "release_free_heap", trim)
+    monkeypatch.setattr(run, "bound_heap", bound)
+    for bundle, extra, within, large in ((mh_bundle, ["--tile", "64", "--memory", "1500"], 1500, True),
+                                         (sm_bundle, [], None, False)):
+        seen = {"within": [], "large": []}
+        res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(bundle), "-o",
+                                  str(tmp_path / f"{within}.tif"), "--runtime", "torch", *extra])
+        assert res.exit_code == 0, res.output
+        assert seen["large"] == [large] and seen["within"] and set(seen["within"]) == {within}
+    monkeypatch.undo()
+    memory.bound_heap()  # this process's large blocks mapped again
+
+
 def test_parity_check_reports_the_tiling_effect_apart(mh_bundle, scene_tif, jasper_cube, tmp_path,
                                                       datasets):
     export_scene = ["--scene", str(datasets / "jasper_ridge" / "JasperRidge2_R198.mat")]

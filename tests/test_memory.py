@@ -66,6 +66,53 @@ def test_the_environment_overrides_the_settings():
     assert float(out[1]) < 8
 
 
+LARGE_BLOCK_PROBE = """
+    import resource
+    from hsiedge import memory
+
+    # bytearray: plain malloc, written (NumPy asks large arrays for huge pages, ONNX Runtime not)
+    print(memory.bound_heap(large_blocks={large}))
+    free0 = memory.free_heap_bytes()
+    block = bytearray(64 * 2**20)  # one 64 MiB block, written, freed
+    del block
+    print((memory.free_heap_bytes() - free0) / 2**20)
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = bytearray(64 * 2**20)  # the same again
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
+"""
+
+
+@pytest.mark.parametrize("large", [True, False])
+def test_large_blocks_stay_on_the_heap_only_when_asked(large):
+    """Blocks over 32 MiB (MambaHSI's tiles) are mapped afresh, and page-faulted page by page,
+    unless `large_blocks`: then the freed block is reused without a fault."""
+    ok, kept, faults = run_python(LARGE_BLOCK_PROBE.format(large=large)).split("\n")[:3]
+    assert ok == "True"
+    if large:
+        assert float(kept) >= 60 and int(faults) < 1000
+    else:  # 16,384 pages of 4 KiB
+        assert float(kept) < 8 and int(faults) > 10_000
+
+
+BUDGET_PROBE = """
+    from hsiedge import memory
+
+    memory.bound_heap()
+    blocks = [bytearray(4 * 2**20) for _ in range(24)]  # 96 MiB in 4 MiB blocks, written, freed
+    del blocks
+    rss = memory.rss_mib()
+    print(memory.release_free_heap(bound=0, within_mib=rss + 64),
+          memory.release_free_heap(bound=0, within_mib=rss - 64))
+    print(rss - memory.rss_mib())
+"""
+
+
+def test_within_its_budget_a_run_keeps_its_free_heap():
+    kept_then_trimmed, returned = run_python(BUDGET_PROBE).split("\n")[:2]
+    assert kept_then_trimmed == "False True"
+    assert float(returned) >= 80
+
+
 def test_peak_rss_is_at_least_the_current_rss():
     current = next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
                    if line.startswith("VmRSS:"))

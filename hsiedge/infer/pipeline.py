@@ -8,6 +8,7 @@ whatever the scene size.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Callable
@@ -42,9 +43,12 @@ def _softmax_u8(logits: np.ndarray) -> np.ndarray:
 
 
 def run_pipeline(scene: Scene, chain: Chain, geometry: Geometry, runner: Runner, tiles: list[Tile],
-                 batch: int, staging: Staging, probs: bool, on_tile: Callable[[int], None] | None) -> None:
+                 batch: int, staging: Staging, probs: bool, on_tile: Callable[[int], None] | None,
+                 heap_budget_mib: float | None = None) -> None:
     """Classify `tiles` of `scene` into `staging`: reader thread -> this thread (runner) -> writer
-    thread, with bounded queues; the first error of any of them is raised here."""
+    thread, with bounded queues; the first error of any of them is raised here.  Free heap is
+    given back between batches, except while resident memory is within `heap_budget_mib`."""
+    trim = functools.partial(release_free_heap, within_mib=heap_budget_mib)
     q_in: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
     q_out: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
     stop = threading.Event()
@@ -102,7 +106,7 @@ def run_pipeline(scene: Scene, chain: Chain, geometry: Geometry, runner: Runner,
                 raise item.error
             t, image, valid = item
             # trim between batches, not tiles: a tile of MD2F-Mamba runs 128 of them
-            logits = geometry.run(runner, image, t, batch, after_batch=release_free_heap)
+            logits = geometry.run(runner, image, t, batch, after_batch=trim)
             classes = (logits.argmax(axis=0) + 1).astype(staging.classes.dtype)
             classes[~valid] = 0
             p = None

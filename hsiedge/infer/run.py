@@ -117,7 +117,6 @@ def infer_scene(
             raise ValueError(f"the {runner.name} runner given does not run this bundle's {runtime} runtime")
         runtime = runner.name
     output = Path(output) if output is not None else default_output(scene_path)
-    bound_heap()
     if batch < 1:
         raise InferError(f"--batch must be at least 1, got {batch}")
     created = creation_time()
@@ -146,13 +145,18 @@ def infer_scene(
         except OSError as e:
             raise InferError(f"{output.parent}: cannot create the output folder "
                              f"({e.strerror or e})") from None
-        geometry = Geometry.for_bundle(bundle, tile, overlap, runtime=runtime,
-                                       memory_mib=DEFAULT_MEMORY_MIB if memory_mib is None else memory_mib,
+        budget = DEFAULT_MEMORY_MIB if memory_mib is None else memory_mib
+        geometry = Geometry.for_bundle(bundle, tile, overlap, runtime=runtime, memory_mib=budget,
                                        scene_shape=(scene.height, scene.width))
+        # MambaHSI's tile is chosen to fit the memory budget: within it, freed tiles stay
+        # resident for the next one, large blocks included (hsiedge.memory)
+        heap_budget = budget if bundle.input_kind == "image" else None
+        bound_heap(large_blocks=heap_budget is not None)
         with RunLock(output):
             remove_leftovers(list(outputs.values()))
             summary = _run_locked(scene, scene_path, files, bundle, output, probs_path, quicklook, geometry,
-                                  key, runtime, batch, resume, created, on_start, on_tile, runner)
+                                  key, runtime, batch, resume, created, on_start, on_tile, runner,
+                                  heap_budget)
     warnings = [] if scene.crs is not None else [
         f"{scene_path.name} has no georeferencing (no CRS), so neither has the map: its pixels have no "
         f"position on the ground"]
@@ -166,7 +170,8 @@ def _run_locked(scene: Scene, scene_path: Path, files: list[Path], bundle: Bundl
                 probs_path: Path | None, quicklook: str | Path | None, geometry: Geometry, key: str | None,
                 runtime: str, batch: int, resume: bool, created: str,
                 on_start: Callable[[int, int, int], None] | None,
-                on_tile: Callable[[int], None] | None, runner: Runner | None) -> dict[str, Any]:
+                on_tile: Callable[[int], None] | None, runner: Runner | None,
+                heap_budget_mib: float | None) -> dict[str, Any]:
     """The run proper, under the output's lock: staging, pipeline, outputs."""
     from hsiedge.runtimes import RuntimeUnavailableError, open_runner
 
@@ -203,7 +208,7 @@ def _run_locked(scene: Scene, scene_path: Path, files: list[Path], bundle: Bundl
     try:
         with runner if owned else contextlib.nullcontext():  # a runner given stays open for the next scene
             run_pipeline(scene, bundle.preprocessing, geometry, runner, todo, batch, staging,
-                         probs_path is not None, on_tile)
+                         probs_path is not None, on_tile, heap_budget_mib)
         compute_seconds = time.perf_counter() - t0
         staging.close()
         table = bundle.manifest["classes"]
