@@ -205,8 +205,9 @@ def test_image_model_tile_follows_the_memory_budget(mh_bundle, scene_tif, tmp_pa
 
 def test_an_image_model_keeps_its_heap_within_the_memory_budget(mh_bundle, sm_bundle, scene_tif, tmp_path,
                                                                 monkeypatch):
-    """MambaHSI's run hands its budget to the heap trimming and keeps large blocks on the heap
-    (hsiedge.memory); a patch model's run trims on free heap alone, large blocks mapped."""
+    """MambaHSI's run hands its budget, less room for a tile, to the heap trimming and keeps
+    large blocks on the heap (hsiedge.memory); a patch model's run trims on free heap alone,
+    large blocks mapped."""
     import hsiedge.infer.pipeline as pipeline
     import hsiedge.infer.run as run
     from hsiedge import memory
@@ -223,7 +224,11 @@ def test_an_image_model_keeps_its_heap_within_the_memory_budget(mh_bundle, sm_bu
 
     monkeypatch.setattr(pipeline, "release_free_heap", trim)
     monkeypatch.setattr(run, "bound_heap", bound)
-    for bundle, extra, within, large in ((mh_bundle, ["--tile", "64", "--memory", "1500"], 1500, True),
+    from hsiedge.infer.policy import kept_heap_mib
+
+    kept = kept_heap_mib(open_bundle(mh_bundle), "torch", 1500, 64)
+    assert 1400 < kept < 1500  # half a 64 x 64 tile's modelled memory is left as room
+    for bundle, extra, within, large in ((mh_bundle, ["--tile", "64", "--memory", "1500"], kept, True),
                                          (sm_bundle, [], None, False)):
         seen = {"within": [], "large": []}
         res = runner.invoke(app, ["infer", str(scene_tif), "--bundle", str(bundle), "-o",

@@ -145,12 +145,8 @@ def _memory_profile(bundle: Bundle, runtime: str) -> str:
     return runtime
 
 
-def image_tile_for_budget(bundle: Bundle, runtime: str, memory_mib: float, height: int,
-                          width: int) -> tuple[int, int]:
-    """(tile, overlap) for an image model: the whole scene when it fits in `memory_mib`, else
-    the largest multiple of 32 that fits, overlapping by a quarter of its side.  Larger tiles
-    agree better with a whole-scene run.  The estimate depends only on its arguments, so a
-    resumed run picks the same tiles."""
+def _image_memory(bundle: Bundle, runtime: str) -> tuple[float, float]:
+    """(MiB resident before any tile, bytes per tile pixel) of a streamed image-model run."""
     artifacts = bundle.manifest["artifacts"].values()
     fixed_mib, pixel_bytes = IMAGE_MEMORY.get(_memory_profile(bundle, runtime), IMAGE_MEMORY["torch"])
     resident = fixed_mib + 3 * sum(a.get("bytes", 0) for a in artifacts) / 2**20 + block_cache_mib()
@@ -159,6 +155,24 @@ def image_tile_for_budget(bundle: Bundle, runtime: str, memory_mib: float, heigh
     # the forward pass, plus the input tiles the queues hold (float32)
     per_pixel = pixel_bytes * hidden / 128
     per_pixel += (QUEUE_DEPTH + 2) * bands * 4
+    return resident, per_pixel
+
+
+def kept_heap_mib(bundle: Bundle, runtime: str, memory_mib: float, tile: int) -> float:
+    """Resident MiB up to which an image-model run keeps its freed heap between tiles (the
+    next tile reuses it; hsiedge.memory.release_free_heap): the budget less half of one tile's
+    modelled memory, room for what a tile takes beyond the kept heap (up to 116 MiB of a
+    128 x 128 tile's modelled 369 MiB on the 4.4 GB scene, ONNX Runtime)."""
+    return memory_mib - tile * tile * _image_memory(bundle, runtime)[1] / 2 / 2**20
+
+
+def image_tile_for_budget(bundle: Bundle, runtime: str, memory_mib: float, height: int,
+                          width: int) -> tuple[int, int]:
+    """(tile, overlap) for an image model: the whole scene when it fits in `memory_mib`, else
+    the largest multiple of 32 that fits, overlapping by a quarter of its side.  Larger tiles
+    agree better with a whole-scene run.  The estimate depends only on its arguments, so a
+    resumed run picks the same tiles."""
+    resident, per_pixel = _image_memory(bundle, runtime)
     room = (memory_mib - resident) * 2**20 / per_pixel  # tile pixels that fit
     mult = IMAGE_MULTIPLE
     # a TensorRT engine takes tiles up to its optimisation profile's largest (the smallest such

@@ -24,7 +24,7 @@ from hsiedge.bundle import Bundle, sha256_file
 from hsiedge.files import output_clash
 from hsiedge.infer.errors import InferError
 from hsiedge.infer.pipeline import run_pipeline
-from hsiedge.infer.policy import DEFAULT_BATCH, DEFAULT_MEMORY_MIB, Geometry
+from hsiedge.infer.policy import DEFAULT_BATCH, DEFAULT_MEMORY_MIB, Geometry, kept_heap_mib
 from hsiedge.infer.staging import RunLock, Staging, remove_leftovers
 from hsiedge.io import Scene, SceneReadError, open_scene
 from hsiedge.io.writer import write_class_map, write_probabilities
@@ -150,7 +150,8 @@ def infer_scene(
                                        scene_shape=(scene.height, scene.width))
         # MambaHSI's tile is chosen to fit the memory budget: within it, freed tiles stay
         # resident for the next one, large blocks included (hsiedge.memory)
-        heap_budget = budget if bundle.input_kind == "image" else None
+        heap_budget = kept_heap_mib(bundle, runtime, budget, geometry.core + 2 * geometry.margin) \
+            if bundle.input_kind == "image" else None
         bound_heap(large_blocks=heap_budget is not None)
         with RunLock(output):
             remove_leftovers(list(outputs.values()))
