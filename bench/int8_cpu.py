@@ -17,7 +17,9 @@ Gemm kernels) cost nothing and nothing else changed; a model whose ceiling is un
 cannot reach it by int8 kernels, however fast.  `--dump DIR` also writes each session's
 optimized graph (ONNX Runtime's `optimized_model_filepath`) and profile there.  Agreement is the export
 parity figure from each bundle's manifest (and its threshold), plus the top-1 agreement of the
-int8 runner with the fp32 one on the timed input itself.
+int8 runner with the fp32 one on the timed input itself.  The process's heap is set as `hsiedge
+infer` sets it for each model (hsiedge.memory: MambaHSI keeps blocks over 32 MiB on the heap),
+since glibc's own settings page-fault some calls' tensors in afresh.
 """
 
 from __future__ import annotations
@@ -145,7 +147,10 @@ def parity_of(path: str) -> tuple[float | None, float | None, bool | None]:
 
 
 def bench_model(name: str, fp32: str, int8: str, args) -> dict:
+    from hsiedge.memory import bound_heap
+
     kind, x = bench_input(fp32, args.batch, args.tile)
+    bound_heap(large_blocks=kind == "image")  # the heap `hsiedge infer` gives this model
     runners = {"fp32": open_runner_for(fp32, args.threads), "int8": open_runner_for(int8, args.threads)}
     outs = {k: r.run(x) for k, r in runners.items()}  # warm-up, and the outputs compared
     times: dict[str, list[float]] = {"fp32": [], "int8": []}
