@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hsiedge.memory import peak_rss_mib, reset_peak_rss, rss_mib
+from hsiedge.memory import bound_heap, peak_rss_mib, reset_peak_rss, rss_mib
 
 if TYPE_CHECKING:
     from hsiedge.bundle import Bundle
@@ -216,9 +216,11 @@ def bench_runtime(bundle: Bundle, runtime: str, x: BenchInput, seconds: float = 
                   warmup: float = DEFAULT_WARMUP, threads: int | None = None,
                   on_call: Callable[[str, float], None] | None = None) -> BenchResult:
     """Open `runtime` on `bundle`, measure it on `x`, close it.  The peak memory is the
-    process's from the opening on (the peak is reset first where Linux allows)."""
+    process's from the opening on (the peak is reset first where Linux allows).  The heap is
+    set as `hsiedge infer` sets it for this bundle (hsiedge.memory)."""
     from hsiedge.runtimes import open_runner
 
+    bound_heap(large_blocks=bundle.input_kind == "image")
     reset_peak_rss()
     before = rss_mib()
     t0 = time.perf_counter()
