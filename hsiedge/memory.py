@@ -8,8 +8,8 @@ of its own, and (3) keeps freed memory for reuse; on the 4.4 GB benchmark scene 
 page fault per page on the next allocation (a fifth to a half of MambaHSI's speed on CPU).
 So: blocks up to 32 MB stay on a heap shared by two arenas, and the heap is trimmed between
 batches only when its free memory passes a bound and, in a run with a memory budget, resident
-memory passes the budget (README, "Streaming inference").  32 MB is the
-most glibc's mmap threshold can be raised to; a run whose larger blocks come back every call
+memory passes what the budget leaves for it (README, "Streaming inference").  32 MB is the most
+glibc's mmap threshold can be raised to; a run whose larger blocks come back every call
 (MambaHSI's tiles) keeps those on the heap too (`large_blocks`: M_MMAP_MAX = 0), or each is
 mapped afresh and page-faulted every time (a 128 x 128 MambaHSI tile in ONNX Runtime: 33,800
 faults and 295-304 ms a call; without them 223-232 ms).  A thread's own arena still maps a block
@@ -131,11 +131,12 @@ def release_free_heap(bound: int = FREE_HEAP_BOUND, within_mib: float | None = N
     glibc cannot say, when resident memory grew by `bound` since the last trim); called between
     batches.  True when it trimmed.
 
-    With `within_mib` (a run's memory budget), nothing is given back while resident memory is
-    at most that: the free pages are the last tile's tensors, which the next tile takes again,
-    and pages given back cost a fault each when it does (MambaHSI in ONNX Runtime, 610 x 340
-    mosaic, 128 x 128 tiles: 0.5-0.7 M page faults and 21-25 k px/s trimmed at 256 MiB free,
-    0.13 M and 35-37 k kept within 900 MiB, peaks 543-638 against 623-650 MiB)."""
+    With `within_mib` (what a run's memory budget leaves for kept heap: hsiedge.infer.policy.
+    kept_heap_mib), nothing is given back while resident memory is at most that: the free pages
+    are the last tile's tensors, which the next tile takes again, and pages given back cost a
+    fault each when it does (MambaHSI in ONNX Runtime, 610 x 340 mosaic, 128 x 128 tiles:
+    0.5-0.7 M page faults and 21-25 k px/s trimmed at 256 MiB free, 0.13 M and 35-37 k kept up
+    to 900 MiB, peaks 543-638 against 623-650 MiB)."""
     global _trimmed_at_rss
     heap = _glibc_heap()
     if heap is None:
