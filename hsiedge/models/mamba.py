@@ -16,6 +16,10 @@ from torch import nn
 
 from hsiedge.ops import selective_scan
 
+# Token sequences up to this long take the in_proj + convolution as one matrix product
+# (`Mamba._project_conv_short`); it grows with L squared, so longer ones keep the shifted form.
+SHORT_SEQUENCE = 8
+
 
 class Mamba(nn.Module):
     """Selective state-space block: input and output (batch, L, d_model)."""
@@ -71,8 +75,11 @@ class Mamba(nn.Module):
         # two half projections rather than one split afterwards: no copy of (batch, L, 2*d_inner)
         w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
         b_x, b_z = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
-        x, z = F.linear(hidden_states, w_x, b_x), F.linear(hidden_states, w_z, b_z)  # (batch, L, d_inner)
-        x = self._conv_tokens(x)
+        z = F.linear(hidden_states, w_z, b_z)  # (batch, L, d_inner)
+        if hidden_states.shape[1] <= SHORT_SEQUENCE:
+            x = self._project_conv_short(hidden_states, w_x, b_x)
+        else:
+            x = self._conv_tokens(F.linear(hidden_states, w_x, b_x))
         x_dbl = self.x_proj(x)  # (batch, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # bias goes in as delta_bias
@@ -120,6 +127,36 @@ class Mamba(nn.Module):
         if self.conv1d.bias is not None:
             y = y + self.conv1d.bias
         return F.silu(y)
+
+    def _project_conv_short(self, h: torch.Tensor, w_x: torch.Tensor,
+                            b_x: torch.Tensor | None) -> torch.Tensor:
+        """in_proj's x half, the causal depthwise convolution and SiLU for short token-major
+        sequences (batch, L, d_model) -> (batch, L, d_inner), as ONE matrix product over the
+        whole flattened sequence: (batch, L * d_model) @ (L * d_model, L * d_inner).
+
+        Both steps are linear, so the product's matrix is block lower-triangular: block (s, t)
+        is in_proj's x half scaled per channel by the tap that carries step s to step t.  It
+        does L times the projection's multiply-adds (zeros included), but replaces
+        the pad, shifted slices and multiply-adds of `_conv_tokens`, whose memory traffic is
+        what costs on a CPU: MambaHSI's spectral tokens (L = 4, 32 -> 64, 16,384 of them)
+        13 instead of 38 ms in ONNX Runtime, 13 instead of 31 in torch; SpectralMamba's (L = 6)
+        27 instead of 48.  Past L = 2 * d_conv the quadratic matrix loses (L = 13: 52 against
+        51 ms), hence SHORT_SEQUENCE.  In ONNX the matrix is computed from the parameters
+        alone (constant-folded by the runtimes; `export.int8.fold_weights` for int8)."""
+        length, k = h.shape[1], self.d_conv
+        steps = torch.arange(length, device=h.device)
+        lag = steps[None, :] - steps[:, None]  # (s, t): how far step s is behind step t
+        taps = self.conv1d.weight[:, 0, :][:, (k - 1 - lag).clamp(0, k - 1)]  # (d_inner, s, t)
+        taps = taps * ((lag >= 0) & (lag < k)).to(taps.dtype)
+        matrix = (taps[:, :, None, :] * w_x[:, None, :, None]).permute(1, 2, 3, 0)  # (s, j, t, c)
+        matrix = matrix.reshape(length * self.d_model, length * self.d_inner)
+        bias = taps.new_zeros(self.d_inner, length)  # (c, t)
+        if self.conv1d.bias is not None:
+            bias = bias + self.conv1d.bias[:, None]
+        if b_x is not None:  # in_proj's bias goes through the taps that reach each step
+            bias = bias + b_x[:, None] * taps.sum(dim=1)
+        y = torch.matmul(h.flatten(1), matrix) + bias.T.flatten()  # (c, t) -> t-major, as y's columns
+        return F.silu(y).unflatten(1, (length, self.d_inner))
 
     def _scan(self, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               z: torch.Tensor) -> torch.Tensor:
