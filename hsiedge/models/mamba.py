@@ -17,7 +17,8 @@ from torch import nn
 from hsiedge.ops import selective_scan
 
 # Token sequences up to this long take the in_proj + convolution as one matrix product
-# (`Mamba._project_conv_short`); it grows with L squared, so longer ones keep the shifted form.
+# (`Mamba._project_conv_short`); it grows with L squared, so longer ones keep the shifted form
+# (break-even measured near L = 12 with d_conv = 4, 32 -> 64 channels).
 SHORT_SEQUENCE = 8
 
 
@@ -115,9 +116,10 @@ class Mamba(nn.Module):
 
     def _conv_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The same convolution over token-major (batch, L, d_inner), as d_conv shifted
-        multiply-adds: for many short sequences (spectral tokens, L = 4..13) a grouped Conv
-        node is ONNX Runtime's slowest (150 ms of a 128 x 128 MambaHSI tile's 760 on CPU), and
-        this form also needs no transposes around it.  Same weights, same sums (in another order)."""
+        multiply-adds; `forward` uses it for sequences longer than SHORT_SEQUENCE (shorter ones:
+        `_project_conv_short`).  For many sequences a grouped Conv node is ONNX Runtime's
+        slowest (150 ms of a 128 x 128 MambaHSI tile's 760 on CPU when it ran there), and this
+        form also needs no transposes around it.  Same weights, same sums (in another order)."""
         k, length = self.d_conv, x.shape[1]
         w = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv); tap k-1 meets the current step
         padded = F.pad(x, (0, 0, k - 1, 0))  # (batch, k - 1 + L, d_inner)
