@@ -14,7 +14,11 @@ same way but with ONNX Runtime's profiler on, says which kernels run: the int8 o
 share of the profiled time.  The ceiling line is Amdahl's law on the fp32 profile: the
 int8 / fp32 ratio that would follow if the layers int8 quantizes (the float Conv, MatMul and
 Gemm kernels) cost nothing and nothing else changed; a model whose ceiling is under a target
-cannot reach it by int8 kernels, however fast.  `--dump DIR` also writes each session's
+cannot reach it by int8 kernels, however fast.  The line under it turns the same law around:
+how many times faster than in fp32 the quantized layers would have to run for int8 to be
+`--target` x fp32 (Q/DQ free, nothing else changed), beside how much faster they ran here (the
+Conv/MatMul/Gemm kernels' share of each profile times that bundle's median call) and the time
+the Q/DQ conversions added.  `--dump DIR` also writes each session's
 optimized graph (ONNX Runtime's `optimized_model_filepath`) and profile there.  Agreement is the export
 parity figure from each bundle's manifest (and its threshold), plus the top-1 agreement of the
 int8 runner with the fp32 one on the timed input itself.  The process's heap is set as `hsiedge
@@ -184,13 +188,31 @@ def int8_ceiling(float_share: float) -> float:
     return float("inf") if rest <= 0 else 1.0 / rest
 
 
+def needed_speedup(float_share: float, target: float) -> float:
+    """How many times faster than in fp32 the quantized layers (`float_share` of the fp32 kernel
+    time) must run for the whole to be `target` times faster, the rest unchanged and Q/DQ free:
+    Amdahl's law solved for the layers' speed-up; infinite where even free layers fall short."""
+    budget = 1.0 / target - (1.0 - float_share)
+    return float("inf") if budget <= 0 else float_share / budget
+
+
+def layer_times(r: dict) -> dict[str, float]:
+    """ms per call of the Conv/MatMul/Gemm layers in fp32, of the same layers in int8 (its int8
+    kernels and the layers it kept float) and of int8's Q/DQ conversions: each kind's share of
+    its profile times the bundle's unprofiled median call (the profiler slows calls unevenly)."""
+    fp32, int8 = r["profile"]["fp32"]["kind_share"], r["profile"]["int8"]["kind_share"]
+    return {"fp32": fp32.get("float", 0.0) * r["ms"]["fp32"],
+            "int8": (int8.get("int8", 0.0) + int8.get("float", 0.0)) * r["ms"]["int8"],
+            "qdq": int8.get("q/dq", 0.0) * r["ms"]["int8"]}
+
+
 def _fmt_kinds(p: dict) -> str:
     order = ("int8", "q/dq", "float", "scan", "other")
     return " ".join(f"{k}:{p['kind_count'].get(k, 0)}/{100 * p['kind_share'].get(k, 0):.0f}%"
                     for k in order if p["kind_count"].get(k))
 
 
-def print_table(rows: list[dict], load: str, threads) -> None:
+def print_table(rows: list[dict], load: str, threads, target: float) -> None:
     print(f"load average before: {load}; after: {_loadavg()}; threads: {threads or 'runtime default'}")
     head = (f"{'model':<14} {'input':<18} {'fp32 ms':>9} {'int8 ms':>9} {'ratio':>6} {'fp32 px/s':>10} "
             f"{'int8 px/s':>10} {'agree (export)':>15} {'need':>6} {'agree (here)':>12}")
@@ -221,6 +243,13 @@ def print_table(rows: list[dict], load: str, threads) -> None:
         print(f"  {'':<14} ceiling: int8 at most {top_gain:.2f}x fp32 even with free int8 layers"
               f" (float Conv/MatMul/Gemm {100 * share:.0f}% of fp32 kernel time); measured "
               f"{r['ratio']:.2f}x")
+        need, t = needed_speedup(share, target), layer_times(r)
+        need_s = ("out of reach even at no cost" if need == float("inf")
+                  else f"{need:.1f}x faster than in fp32 (Q/DQ free)" if need < 100
+                  else "over 100x faster than in fp32 (Q/DQ free)")
+        ran = t["fp32"] / t["int8"] if t["int8"] else float("inf")
+        print(f"  {'':<14} for {target:g}x: the quantized layers {need_s}; here "
+              f"{ran:.2f}x ({t['fp32']:.1f} -> {t['int8']:.1f} ms a call), and Q/DQ added {t['qdq']:.1f} ms")
 
 
 def _loadavg() -> str:
@@ -239,6 +268,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: every core)")
     ap.add_argument("--profile-calls", type=int, default=3, help="calls profiled per bundle")
     ap.add_argument("--dump", default=None, help="folder for optimized graphs and profiles")
+    ap.add_argument("--target", type=float, default=1.5,
+                    help="the int8 / fp32 speed-up the 'for' line solves for")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     load = _loadavg()
@@ -249,7 +280,7 @@ def main() -> None:
         if not (name and fp32 and int8):
             raise SystemExit(f"{pair!r}: expected MODEL=FP32_BUNDLE,INT8_BUNDLE")
         rows.append(bench_model(name, os.path.expanduser(fp32), os.path.expanduser(int8), args))
-    print_table(rows, load, args.threads)
+    print_table(rows, load, args.threads, args.target)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
