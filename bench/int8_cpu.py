@@ -1,7 +1,7 @@
 """int8 against fp32 on ONNX Runtime's CPU provider: time per batch and which kernels run.
 
     python bench/int8_cpu.py MODEL=FP32_BUNDLE,INT8_BUNDLE [...] [--rounds 7] [--batch 128]
-                             [--tile 128] [--threads N] [--dump DIR]
+                             [--tile 128] [--threads N] [--dump DIR] [--target 1.5]
 
 For each model: one realistic call (patch models: a batch of `--batch` patches of the
 manifest's bands and patch size; tile models: one (1, bands, tile, tile) tile), run through the
@@ -172,13 +172,16 @@ def bench_model(name: str, fp32: str, int8: str, args) -> dict:
             for k, p in (("fp32", fp32), ("int8", int8))}
     pixels = x.shape[0] if kind == "patch" else int(np.prod(x.shape[2:]))
     med = {k: statistics.median(v) for k, v in times.items()}
+    ms = {k: v * 1e3 for k, v in med.items()}
     agree_here = float((outs["fp32"].argmax(1) == outs["int8"].argmax(1)).mean())
     agreement, threshold, passed = parity_of(int8)
     return {"model": name, "shape": list(x.shape), "pixels": pixels,
-            "ms": {k: v * 1e3 for k, v in med.items()},
+            "ms": ms,
             "spread_ms": {k: [min(v) * 1e3, max(v) * 1e3] for k, v in times.items()},
             "ratio": med["fp32"] / med["int8"], "agreement": agreement, "threshold": threshold,
-            "parity_passed": passed, "agreement_here": agree_here, "profile": prof}
+            "parity_passed": passed, "agreement_here": agree_here, "profile": prof, "target": args.target,
+            "needed_speedup": needed_speedup(prof["fp32"]["kind_share"].get("float", 0.0), args.target),
+            "layer_ms": layer_times(prof, ms)}
 
 
 def int8_ceiling(float_share: float) -> float:
@@ -196,14 +199,14 @@ def needed_speedup(float_share: float, target: float) -> float:
     return float("inf") if budget <= 0 else float_share / budget
 
 
-def layer_times(r: dict) -> dict[str, float]:
+def layer_times(prof: dict, ms: dict[str, float]) -> dict[str, float]:
     """ms per call of the Conv/MatMul/Gemm layers in fp32, of the same layers in int8 (its int8
     kernels and the layers it kept float) and of int8's Q/DQ conversions: each kind's share of
     its profile times the bundle's unprofiled median call (the profiler slows calls unevenly)."""
-    fp32, int8 = r["profile"]["fp32"]["kind_share"], r["profile"]["int8"]["kind_share"]
-    return {"fp32": fp32.get("float", 0.0) * r["ms"]["fp32"],
-            "int8": (int8.get("int8", 0.0) + int8.get("float", 0.0)) * r["ms"]["int8"],
-            "qdq": int8.get("q/dq", 0.0) * r["ms"]["int8"]}
+    fp32, int8 = prof["fp32"]["kind_share"], prof["int8"]["kind_share"]
+    return {"fp32": fp32.get("float", 0.0) * ms["fp32"],
+            "int8": (int8.get("int8", 0.0) + int8.get("float", 0.0)) * ms["int8"],
+            "qdq": int8.get("q/dq", 0.0) * ms["int8"]}
 
 
 def _fmt_kinds(p: dict) -> str:
@@ -212,7 +215,7 @@ def _fmt_kinds(p: dict) -> str:
                     for k in order if p["kind_count"].get(k))
 
 
-def print_table(rows: list[dict], load: str, threads, target: float) -> None:
+def print_table(rows: list[dict], load: str, threads) -> None:
     print(f"load average before: {load}; after: {_loadavg()}; threads: {threads or 'runtime default'}")
     head = (f"{'model':<14} {'input':<18} {'fp32 ms':>9} {'int8 ms':>9} {'ratio':>6} {'fp32 px/s':>10} "
             f"{'int8 px/s':>10} {'agree (export)':>15} {'need':>6} {'agree (here)':>12}")
@@ -243,12 +246,13 @@ def print_table(rows: list[dict], load: str, threads, target: float) -> None:
         print(f"  {'':<14} ceiling: int8 at most {top_gain:.2f}x fp32 even with free int8 layers"
               f" (float Conv/MatMul/Gemm {100 * share:.0f}% of fp32 kernel time); measured "
               f"{r['ratio']:.2f}x")
-        need, t = needed_speedup(share, target), layer_times(r)
-        need_s = ("out of reach even at no cost" if need == float("inf")
-                  else f"{need:.1f}x faster than in fp32 (Q/DQ free)" if need < 100
-                  else "over 100x faster than in fp32 (Q/DQ free)")
+        need, t = r["needed_speedup"], r["layer_ms"]
+        if need == float("inf"):
+            need_s = "out of reach even at no cost"
+        else:
+            need_s = f"{'over 100' if need >= 100 else f'{need:.1f}'}x faster than in fp32 (Q/DQ free)"
         ran = t["fp32"] / t["int8"] if t["int8"] else float("inf")
-        print(f"  {'':<14} for {target:g}x: the quantized layers {need_s}; here "
+        print(f"  {'':<14} for {r['target']:g}x: the quantized layers {need_s}; here "
               f"{ran:.2f}x ({t['fp32']:.1f} -> {t['int8']:.1f} ms a call), and Q/DQ added {t['qdq']:.1f} ms")
 
 
@@ -280,7 +284,7 @@ def main() -> None:
         if not (name and fp32 and int8):
             raise SystemExit(f"{pair!r}: expected MODEL=FP32_BUNDLE,INT8_BUNDLE")
         rows.append(bench_model(name, os.path.expanduser(fp32), os.path.expanduser(int8), args))
-    print_table(rows, load, args.threads, args.target)
+    print_table(rows, load, args.threads)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
